@@ -1,0 +1,94 @@
+"""The rays of one rendering call: what every projector backend needs to know about them.
+
+A ray leaves the source along the unit direction ``d_p`` (camera frame) of pixel ``p`` and ends at
+the pixel's centre, ``L_p`` mm away. Its samples sit at ``tau_k = k * step`` (k = 0, 1, ...), and a
+sample's position in the volume frame is
+
+    x_pk = M @ (tau_k d_p, 1),        M = E^-1 = [R^T | -R^T (t + sid e_z)]  (3 x 4, per batch item)
+
+so the pose enters the hot path only through the 12 numbers of ``M``. Samples outside the volume's
+support (the box one voxel beyond the outermost voxel centres, where the zero-padded trilinear
+interpolant vanishes) are skipped: ``sample_range`` clips every ray to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prostlab.errors import ProstlabError
+
+
+@dataclass(frozen=True)
+class RayBundle:
+    """Camera rays and the sampled volume's grid, fixed for one rendering call.
+
+    Attributes:
+        directions: (P, 3) unit ray directions in the camera frame, row-major over the detector.
+        lengths: (P,) source-to-pixel-centre distances, mm.
+        spacing: voxel spacing (s_D, s_H, s_W), mm, in array-axis order.
+        grid: the volume's array shape (D, H, W).
+        step: distance between samples along a ray, mm.
+    """
+
+    directions: torch.Tensor
+    lengths: torch.Tensor
+    spacing: tuple[float, float, float]
+    grid: tuple[int, int, int]
+    step: float
+
+    @staticmethod
+    def from_camera(camera, spacing, grid, step: float, dtype, device) -> RayBundle:
+        """Build the rays of ``camera`` for a volume of array shape ``grid`` and ``spacing``."""
+        spacing = tuple(float(s) for s in spacing)
+        if len(spacing) != 3 or not all(s > 0 for s in spacing):
+            raise ProstlabError(f"spacing: expected three positive voxel sizes in mm, got {spacing}")
+        if not step > 0:
+            raise ProstlabError(f"step: expected a positive sampling distance in mm, got {step}")
+        rays = camera.ray_directions(dtype=dtype, device=device)
+        lengths = rays.norm(dim=-1)
+        return RayBundle(rays / lengths[:, None], lengths, spacing, tuple(grid), float(step))
+
+    @property
+    def half_support(self) -> tuple[float, float, float]:
+        """Half-sides (mm) of the box outside which the interpolant is zero: (N_a + 1) / 2 * s_a."""
+        return tuple((n + 1) / 2 * s for n, s in zip(self.grid, self.spacing, strict=True))
+
+    def sample_range(self, M: torch.Tensor, rays: slice | None = None):
+        """First sample index and sample count of each ray inside the volume's support.
+
+        The ray ``x(tau) = c + tau w`` (``w = A d``, ``c = M[:, :, 3]``) enters the box
+        ``|x_a| <= h_a`` at ``max_a min(t0_a, t1_a)`` and leaves it at ``max_a``'s twin, the slab
+        test; the interval is then cut to ``[0, L_p]`` (between source and pixel).
+
+        Args:
+            M: (B, 3, 4) volume-from-camera transforms.
+            rays: the slice of rays to clip (all by default).
+
+        Returns:
+            k_first: (B, P) int64, index of the first sample (``tau = k_first * step``).
+            count: (B, P) int64, number of samples (0 for rays that miss the volume).
+        """
+        rays = rays or slice(None)
+        d, length = self.directions[rays], self.lengths[rays]
+        M = M.detach()
+        w = torch.einsum("bij,pj->bpi", M[:, :, :3], d)  # (B, P, 3)
+        c = M[:, None, :, 3].expand_as(w)
+        h = torch.tensor(self.half_support, dtype=w.dtype, device=w.device)
+        parallel = w.abs() < 1e-12
+        safe_w = torch.where(parallel, torch.ones_like(w), w)
+        t0, t1 = (-h - c) / safe_w, (h - c) / safe_w
+        inside = c.abs() <= h
+        unbounded = torch.full_like(w, torch.inf)
+        lo = torch.where(parallel, torch.where(inside, -unbounded, unbounded), torch.minimum(t0, t1))
+        hi = torch.where(parallel, torch.where(inside, unbounded, -unbounded), torch.maximum(t0, t1))
+        t_in, t_out = lo.amax(dim=-1), hi.amin(dim=-1)
+        hits = t_in <= t_out
+        length = length.expand_as(t_in)
+        t_in = torch.minimum(t_in.clamp(min=0.0), length)
+        t_out = torch.minimum(t_out.clamp(min=0.0), length)
+        k_first = torch.ceil(t_in / self.step)
+        k_last = torch.floor(t_out / self.step)
+        count = torch.where(hits, k_last - k_first + 1, torch.zeros_like(k_last)).clamp(min=0)
+        return k_first.long(), count.long()
