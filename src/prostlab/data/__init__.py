@@ -1,0 +1,47 @@
+"""CT data pipeline: read CT and labels, map HU to attenuation, reorient, crop and resample.
+
+The public entry points are :func:`prepare_ct` (a CT file -> a prepared directory) and
+:func:`load_prepared` (a prepared directory -> :class:`PreparedCT` of :class:`Volume` s).
+"""
+
+from prostlab.data.example import example_path
+from prostlab.data.intensity import MU_WATER, fill_outside_fov, hu_to_mu
+from prostlab.data.io import load_image, save_nifti
+from prostlab.data.labels import PRESETS, bone_ids, bone_mask, read_structures, segment
+from prostlab.data.orientation import (
+    PREPARED_ORIENTATION,
+    orientation_of,
+    reorient,
+    reoriented_grid,
+)
+from prostlab.data.prepare import PreparedCT, check_same_grid, load_prepared, prepare_ct
+from prostlab.data.resample import CubeGrid, cube_grid, resample_linear, resample_nearest
+from prostlab.data.volume import Volume, spacing_of
+
+__all__ = [
+    "MU_WATER",
+    "PREPARED_ORIENTATION",
+    "PRESETS",
+    "CubeGrid",
+    "PreparedCT",
+    "Volume",
+    "bone_ids",
+    "bone_mask",
+    "check_same_grid",
+    "cube_grid",
+    "example_path",
+    "fill_outside_fov",
+    "hu_to_mu",
+    "load_image",
+    "load_prepared",
+    "orientation_of",
+    "prepare_ct",
+    "read_structures",
+    "reorient",
+    "reoriented_grid",
+    "resample_linear",
+    "resample_nearest",
+    "save_nifti",
+    "segment",
+    "spacing_of",
+]

@@ -1,0 +1,64 @@
+"""Hounsfield units to linear attenuation, and the CT's outside-the-field-of-view fill.
+
+The Hounsfield scale is defined by ``HU = 1000 (mu - mu_water) / (mu_water - mu_air)``, so
+
+    mu = mu_water + HU (mu_water - mu_air) / 1000,
+
+which with ``mu_air = 0`` is ProST's mapping ``mu = mu_water (1 + HU / 1000)``. Air (-1000 HU)
+maps to ``mu_air``, water (0 HU) to ``mu_water``; values below ``clamp_min`` (HU below -1000,
+from noise or fill values) are clamped, since attenuation is never negative. ProST uses
+``mu_water = 0.02683`` /mm (water at about 60 keV).
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+MU_WATER = 0.02683
+"""Linear attenuation of water in 1/mm (ProST's value)."""
+
+HU_AIR = -1000.0
+"""Air in Hounsfield units, by definition."""
+
+FOV_FILL_BELOW = -1024.0
+"""CT values below this are outside the scanner's field of view (e.g. -2048), not tissue."""
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+
+
+def hu_to_mu(
+    hu: ArrayT, mu_water: float = MU_WATER, mu_air: float = 0.0, clamp_min: float = 0.0
+) -> ArrayT:
+    """Linear attenuation ``max(mu_air + (HU + 1000) (mu_water - mu_air) / 1000, clamp_min)``.
+
+    In 1/mm; equal to ``mu_water + HU (mu_water - mu_air) / 1000``.
+
+    Works elementwise on a numpy array (returns float32) or a torch tensor (keeps a floating
+    dtype, else float32) of any shape.
+    """
+    # Evaluated as mu_air + (HU + 1000) * scale, so that air maps to mu_air exactly.
+    scale = (mu_water - mu_air) / 1000.0
+    if isinstance(hu, torch.Tensor):
+        hu = hu if hu.is_floating_point() else hu.float()
+        return ((hu - HU_AIR) * scale + mu_air).clamp_min(clamp_min)
+    mu = np.array(hu, dtype=np.float32)  # a copy: hu is not touched
+    mu -= np.float32(HU_AIR)
+    mu *= np.float32(scale)
+    mu += np.float32(mu_air)
+    return np.maximum(mu, np.float32(clamp_min), out=mu)
+
+
+def fill_outside_fov(
+    hu: np.ndarray, below: float = FOV_FILL_BELOW, value: float = HU_AIR
+) -> np.ndarray:
+    """Replace values below ``below`` HU (the scanner's outside-the-field-of-view marker,
+    typically -2048 or -3024) by ``value`` (air, -1000 HU) and return a new array.
+
+    After :func:`hu_to_mu` with its clamp at 0 this changes nothing, since both map to
+    ``mu = 0``; it matters wherever HU values are interpolated or displayed, where -2048 would
+    otherwise darken the voxels next to the field of view's edge below air.
+    """
+    return np.where(hu < below, np.asarray(value, dtype=hu.dtype), hu)

@@ -1,0 +1,325 @@
+"""Turn a CT (and its label map) into prostlab's prepared volumes, and load them back.
+
+``prepare_ct`` runs, in this order:
+
+1. read the CT (HU) and the labels (NIfTI or DICOM series); check they share one voxel grid;
+2. reorient both to LIP (``docs/geometry.md``), so the identity pose is an AP view;
+3. replace outside-the-field-of-view values by air and map HU to attenuation
+   ``mu = mu_water (1 + HU / 1000)``, clamped at 0 (:mod:`prostlab.data.intensity`);
+4. segment the bones at the source resolution, ``mu_bone = mu * [label in ids]``;
+5. choose a cube (centred on the bones' bounding box, or on the volume) and resample ``mu`` and
+   ``mu_bone`` (linear, antialiased) and the labels (nearest) onto its ``size^3`` grid in one step
+   (:mod:`prostlab.data.resample`);
+6. write ``ct_mu.nii.gz``, ``bone_mu.nii.gz``, ``labels.nii.gz`` and ``meta.json``.
+
+The written affines map each voxel to its world position in the source scan, with spacing
+``side_mm / size`` along every axis.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import prostlab
+from prostlab.data.intensity import FOV_FILL_BELOW, HU_AIR, MU_WATER, fill_outside_fov, hu_to_mu
+from prostlab.data.io import load_image, save_nifti
+from prostlab.data.labels import bone_ids, bone_mask, segment
+from prostlab.data.orientation import (
+    PREPARED_ORIENTATION,
+    orientation_of,
+    reorient,
+    reoriented_grid,
+)
+from prostlab.data.resample import cube_grid, resample_linear, resample_nearest
+from prostlab.data.volume import Volume, spacing_of
+from prostlab.errors import ProstlabError
+
+CT_FILE = "ct_mu.nii.gz"
+BONE_FILE = "bone_mu.nii.gz"
+LABELS_FILE = "labels.nii.gz"
+META_FILE = "meta.json"
+STRUCTURES_FILE = "structures.csv"
+FORMAT = "prostlab-prepared-ct/1"
+
+GRID_ATOL_MM = 1e-2
+"""Largest difference between two affines' entries (mm) for them to count as one grid."""
+
+
+@dataclass(frozen=True)
+class PreparedCT:
+    """A prepared CT as loaded by :func:`load_prepared`.
+
+    Attributes:
+        ct: attenuation ``mu`` (1/mm) of the whole CT, ``(1, N, N, N)``, LIP.
+        bone: the segmented CT ``mu * mask`` on the same grid, or ``None`` without labels.
+        labels: label map ``(N, N, N)`` (integer ids, 0 = background), or ``None``.
+        meta: the contents of ``meta.json``.
+        directory: where it was loaded from.
+    """
+
+    ct: Volume
+    bone: Volume | None
+    labels: np.ndarray | None
+    meta: dict[str, Any] = field(repr=False)
+    directory: Path
+
+
+def prepare_ct(
+    ct_path: str | Path,
+    labels_path: str | Path | None = None,
+    out_dir: str | Path = "prepared",
+    size: int = 128,
+    bones: str | list[int] = "bones",
+    structures_csv: str | Path | None = None,
+    side_mm: float | None = None,
+    centre: str | None = None,
+    margin_mm: float = 0.0,
+    mu_water: float = MU_WATER,
+    fov_fill_below: float = FOV_FILL_BELOW,
+    antialias: bool = True,
+) -> dict[str, Path]:
+    """Prepare a CT for registration and write it to ``out_dir``.
+
+    Args:
+        ct_path: CT in Hounsfield units: a ``.nii``/``.nii.gz`` file or a DICOM series directory.
+        labels_path: label map on the CT's voxel grid (axis flips and order may differ), or
+            ``None``.
+        out_dir: output directory (created).
+        size: voxels per edge of the output cube.
+        bones: bone selection: a preset (``"bones"``, ``"pelvis"``), a group of the class table,
+            or label ids (see :mod:`prostlab.data.labels`). Ignored without labels.
+        structures_csv: the class table; default ``structures.csv`` beside ``labels_path``.
+        side_mm: cube edge in mm; default the largest extent of the bones' bounding box (or of
+            the volume when ``centre="volume"``) plus ``2 * margin_mm``.
+        centre: ``"bones"`` (the bounding box of the selected bones; the default with labels) or
+            ``"volume"`` (the grid's centre; the default without).
+        margin_mm: added on each side to the default cube edge.
+        mu_water: attenuation of water in 1/mm.
+        fov_fill_below: HU below this are outside the field of view and become air.
+        antialias: low-pass filter when downsampling (see :mod:`prostlab.data.resample`).
+
+    Returns:
+        The written paths, keyed ``"ct"``, ``"meta"`` and, with labels, ``"bone"``, ``"labels"``
+        and ``"structures"`` (a copy of the class table, when one was used).
+    """
+    ct_path = Path(ct_path)
+    out = Path(out_dir)
+    centre = centre or ("bones" if labels_path is not None else "volume")
+    if centre not in ("bones", "volume"):
+        raise ProstlabError(f"centre: {centre!r}; expected 'bones' or 'volume'")
+    if centre == "bones" and labels_path is None:
+        raise ProstlabError("centre: 'bones' needs a label map; pass labels_path")
+
+    hu, affine = load_image(ct_path)
+    source_orientation = orientation_of(affine)
+    source_shape = list(hu.shape)
+    source_spacing = list(spacing_of(affine))
+    labels = None
+    if labels_path is not None:
+        labels_path = Path(labels_path)
+        labels, labels_affine = load_image(labels_path, dtype=np.int32)
+        check_same_grid(ct_path, hu.shape, affine, labels_path, labels.shape, labels_affine)
+        if labels.min() < 0:
+            raise ProstlabError(f"{labels_path}: has negative labels; expected ids >= 0")
+        labels, _ = reorient(labels, labels_affine, PREPARED_ORIENTATION)
+    hu, affine = reorient(hu, affine, PREPARED_ORIENTATION)
+    mu = hu_to_mu(fill_outside_fov(hu, below=fov_fill_below, value=HU_AIR), mu_water=mu_water)
+    del hu
+
+    mask = ids = table = None
+    if labels is not None:
+        table = Path(structures_csv) if structures_csv else labels_path.parent / STRUCTURES_FILE
+        ids = bone_ids(bones, table)
+        mask = bone_mask(labels, ids, source=labels_path)
+
+    grid = cube_grid(
+        mu.shape,
+        spacing_of(affine),
+        size=size,
+        side_mm=side_mm,
+        mask=mask if centre == "bones" else None,
+        margin_mm=margin_mm,
+    )
+    cube_affine = grid.affine(affine)
+
+    out.mkdir(parents=True, exist_ok=True)
+    cube_mu = resample_linear(mu, grid, 0.0, antialias)
+    written = {"ct": save_nifti(out / CT_FILE, cube_mu, cube_affine)}
+    if labels is not None:
+        bone = resample_linear(segment(mu, mask), grid, 0.0, antialias)
+        written["bone"] = save_nifti(out / BONE_FILE, bone, cube_affine)
+        cube_labels = resample_nearest(labels, grid, 0)
+        written["labels"] = save_nifti(out / LABELS_FILE, _compact(cube_labels), cube_affine)
+        if table is not None and table.is_file():
+            written["structures"] = Path(shutil.copyfile(table, out / STRUCTURES_FILE))
+
+    centre_world = cube_affine @ np.array([(size - 1) / 2] * 3 + [1.0])
+    meta = {
+        "format": FORMAT,
+        "orientation": PREPARED_ORIENTATION,
+        "size": grid.size,
+        "spacing_mm": grid.spacing,
+        "side_mm": grid.side_mm,
+        "units": "linear attenuation mu, 1/mm",
+        "centre": centre,
+        "centre_world_ras_mm": [round(float(v), 4) for v in centre_world[:3]],
+        "affine": cube_affine.tolist(),
+        "mu_water_per_mm": mu_water,
+        "hu_to_mu": "mu = max(mu_water * (1 + HU / 1000), 0)",
+        "fov_fill_below_hu": fov_fill_below,
+        "antialias": antialias,
+        "bones": None
+        if ids is None
+        else {
+            "selection": _jsonable(bones),
+            "ids": ids,
+            "ids_present": sorted(set(np.unique(labels[mask]).tolist())),
+        },
+        "files": {key: path.name for key, path in written.items()},
+        "sources": {
+            "ct": _source(ct_path),
+            "labels": None if labels_path is None else _source(labels_path),
+            "structures_csv": None if table is None or not table.is_file() else _source(table),
+        },
+        "source_shape": source_shape,
+        "source_spacing_mm": source_spacing,
+        "source_orientation": source_orientation,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "prostlab_version": prostlab.__version__,
+    }
+    written["meta"] = out / META_FILE
+    written["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+    return written
+
+
+def load_prepared(directory: str | Path) -> PreparedCT:
+    """Load and validate a directory written by :func:`prepare_ct`.
+
+    Checks that ``meta.json`` is readable and of this format, that every volume is a LIP cube of
+    ``size^3`` voxels with spacing ``spacing_mm``, that all volumes share one grid, and that the
+    attenuation is non-negative. Errors name the offending file.
+    """
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise ProstlabError(
+            f"{meta_path}: no such file; expected a directory written by `prostlab prepare`"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ProstlabError(f"{meta_path}: not valid JSON ({exc})") from exc
+    missing = [k for k in ("format", "size", "spacing_mm", "files") if k not in meta]
+    if missing or meta.get("format") != FORMAT:
+        raise ProstlabError(
+            f"{meta_path}: lacks {missing or 'the format'}; expected format {FORMAT!r} with "
+            "keys format, size, spacing_mm, files"
+        )
+    size, spacing = int(meta["size"]), float(meta["spacing_mm"])
+
+    ct = _load_cube(directory / CT_FILE, size, spacing)
+    bone = labels = None
+    if "bone" in meta["files"]:
+        bone = _load_cube(directory / BONE_FILE, size, spacing, like=ct)
+    if "labels" in meta["files"]:
+        path = directory / LABELS_FILE
+        array, affine = load_image(path, dtype=np.int32)
+        _check_cube(path, array.shape, affine, size, spacing)
+        check_same_grid(directory / CT_FILE, ct.shape[1:], ct.affine, path, array.shape, affine)
+        labels = array
+    return PreparedCT(ct=ct, bone=bone, labels=labels, meta=meta, directory=directory)
+
+
+def check_same_grid(
+    path_a: str | Path,
+    shape_a: tuple[int, ...],
+    affine_a: np.ndarray,
+    path_b: str | Path,
+    shape_b: tuple[int, ...],
+    affine_b: np.ndarray,
+    atol_mm: float = GRID_ATOL_MM,
+) -> None:
+    """Raise ``ProstlabError`` naming both files unless they sample the same voxel grid.
+
+    The two may store the grid with different axis flips or orders (a DICOM series and its NIfTI
+    conversion, say): both are compared after reorientation to LIP, where the shapes must be equal
+    and the affines agree within ``atol_mm``.
+    """
+    lip_shape_a, lip_affine_a = reoriented_grid(tuple(shape_a), affine_a)
+    lip_shape_b, lip_affine_b = reoriented_grid(tuple(shape_b), affine_b)
+    if lip_shape_a != lip_shape_b:
+        raise ProstlabError(
+            f"{path_b}: shape {tuple(shape_b)} differs from {path_a}'s {tuple(shape_a)}; "
+            "expected the label map on the CT's voxel grid"
+        )
+    if not np.allclose(lip_affine_a, lip_affine_b, atol=atol_mm, rtol=0):
+        worst = float(np.max(np.abs(lip_affine_a - lip_affine_b)))
+        raise ProstlabError(
+            f"{path_b}: affine differs from {path_a}'s by up to {worst:.4g} mm; expected the "
+            f"label map on the CT's voxel grid (tolerance {atol_mm} mm)"
+        )
+
+
+def _load_cube(path: Path, size: int, spacing: float, like: Volume | None = None) -> Volume:
+    """Load an attenuation cube; with ``like`` (the CT), check it shares the CT's grid."""
+    array, affine = load_image(path)
+    _check_cube(path, array.shape, affine, size, spacing)
+    if array.min() < 0:
+        raise ProstlabError(f"{path}: has negative attenuation {array.min():.4g}; expected mu >= 0")
+    if like is not None:
+        ct_path = path.parent / CT_FILE
+        check_same_grid(ct_path, like.shape[1:], like.affine, path, array.shape, affine)
+    return Volume.from_array(array, affine)
+
+
+def _check_cube(
+    path: Path, shape: tuple[int, ...], affine: np.ndarray, size: int, spacing: float
+) -> None:
+    if tuple(shape) != (size,) * 3:
+        raise ProstlabError(f"{path}: shape {tuple(shape)}; expected ({size}, {size}, {size})")
+    if orientation_of(affine) != PREPARED_ORIENTATION:
+        raise ProstlabError(
+            f"{path}: orientation {orientation_of(affine)}; expected {PREPARED_ORIENTATION}"
+        )
+    found = spacing_of(affine)
+    if not np.allclose(found, spacing, rtol=1e-4, atol=0):
+        raise ProstlabError(
+            f"{path}: spacing {tuple(round(s, 5) for s in found)} mm; expected {spacing:.5f} mm "
+            "isotropic as meta.json says"
+        )
+
+
+def _compact(labels: np.ndarray) -> np.ndarray:
+    """The smallest of uint8, int16, int32 that holds the label ids."""
+    top = int(labels.max(initial=0))
+    dtype = np.uint8 if top <= 255 else np.int16 if top <= 32767 else np.int32
+    return labels.astype(dtype)
+
+
+def _source(path: Path) -> dict[str, str]:
+    return {"path": str(path), "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 of a file, or of a directory's files (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _jsonable(selection: str | list[int]) -> str | list[int]:
+    return selection if isinstance(selection, str) else [int(i) for i in selection]
