@@ -1,0 +1,94 @@
+"""Input validation shared by the geometry functions and the modules built on them.
+
+Every check names the offending argument and the form it expected, e.g.
+``pose: expected shape (B, 6), got (3,)``. Shape and dtype checks never synchronise with the
+device; only :func:`check_pose` looks at the values (finiteness), which costs one sync.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(x: object, name: str, trailing: tuple[int, ...], form: str) -> Tensor:
+    """Check that ``x`` is a floating-point tensor whose shape ends with ``trailing``.
+
+    Args:
+        x: the value to check.
+        name: the argument's name, used in error messages.
+        trailing: the required trailing dimensions, e.g. ``(3, 3)``; any leading dimensions pass.
+        form: the expected form as written in error messages, e.g. ``"(..., 3, 3)"``.
+
+    Returns:
+        ``x``, unchanged.
+
+    Raises:
+        TypeError: ``x`` is not a tensor, or not of a floating-point dtype.
+        ValueError: the shape does not end with ``trailing``.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape {form}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    n = len(trailing)
+    if x.ndim < n or tuple(x.shape[x.ndim - n :]) != trailing:
+        raise ValueError(f"{name}: expected shape {form}, got {tuple(x.shape)}")
+    return x
+
+
+def check_batched(x: object, name: str, trailing: tuple[int, ...]) -> Tensor:
+    """Check that ``x`` is a floating-point tensor of shape ``(B, *trailing)``.
+
+    Error messages write the form as ``(B, 6)``, ``(B, 4, 4)``, and so on.
+    """
+    form = "(B, " + ", ".join(str(d) for d in trailing) + ")"
+    x = check_tensor(x, name, trailing, form)
+    if x.ndim != len(trailing) + 1:
+        raise ValueError(f"{name}: expected shape {form}, got {tuple(x.shape)}")
+    return x
+
+
+def check_same_batch(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    """Check that two batched tensors have equal batch sizes or that one of them is 1."""
+    na, nb = a.shape[0], b.shape[0]
+    if na != nb and 1 not in (na, nb):
+        raise ValueError(f"{name_b}: expected batch size {na} (that of {name_a}) or 1, got {nb}")
+
+
+def check_pose(pose: object, name: str = "pose") -> Tensor:
+    """Validate a batch of poses: a finite floating-point tensor of shape ``(B, 6)``.
+
+    A pose is ``(omega, t)``: a rotation vector in radians and a translation in mm (see
+    ``docs/geometry.md``). This check reads the values to test finiteness, which synchronises
+    with the device; the geometry functions themselves check only shape and dtype.
+
+    Args:
+        pose: the value to check.
+        name: the argument's name, used in error messages.
+
+    Returns:
+        ``pose``, unchanged.
+
+    Raises:
+        TypeError: not a tensor, or not of a floating-point dtype.
+        ValueError: the shape is not ``(B, 6)`` or a value is NaN or infinite.
+    """
+    pose = check_batched(pose, name, (6,))
+    if not bool(torch.isfinite(pose).all()):
+        raise ValueError(f"{name}: expected finite values, got NaN or inf")
+    return pose
+
+
+def check_weight(value: object, name: str, *, positive: bool = False) -> float:
+    """Check that ``value`` is a number >= 0 (> 0 when ``positive``); return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    value = float(value)
+    bad = not value > 0 if positive else not value >= 0
+    if bad or value == float("inf"):
+        kind = "positive" if positive else "non-negative"
+        raise ValueError(f"{name}: expected a finite {kind} number, got {value}")
+    return value
