@@ -15,6 +15,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from prostlab.errors import ProstlabError
 from prostlab.geometry import (
     Camera,
     check_pose,
@@ -476,14 +477,14 @@ def test_camera_defaults_and_intrinsics():
     "kwargs,field,error",
     [
         ({"sdd": 0.0}, "sdd", ValueError),
-        ({"sdd": "1020"}, "sdd", TypeError),
+        ({"sdd": "1020"}, "sdd", ProstlabError),
         ({"sid": -1.0}, "sid", ValueError),
         ({"sid": 1020.0}, "sid", ValueError),
         ({"sid": 2000.0}, "sid", ValueError),
         ({"sid": float("nan")}, "sid", ValueError),
         ({"height": 0}, "height", ValueError),
-        ({"height": 12.5}, "height", TypeError),
-        ({"width": True}, "width", TypeError),
+        ({"height": 12.5}, "height", ProstlabError),
+        ({"width": True}, "width", ProstlabError),
         ({"pixel_spacing": (2.92,)}, "pixel_spacing", ValueError),
         ({"pixel_spacing": (2.92, 0.0)}, "pixel_spacing", ValueError),
         ({"pixel_spacing": "ab"}, "pixel_spacing", ValueError),
@@ -550,7 +551,7 @@ def test_from_intrinsics_needs_exactly_one_of_sdd_and_spacing():
         Camera.from_intrinsics(K, 128, 128, 620.0, pixel_spacing=(2.0, 2.92))
     with pytest.raises(ValueError, match="^sid:"):
         Camera.from_intrinsics(K, 128, 128, 2000.0, sdd=1020.0)
-    with pytest.raises(TypeError, match="^K:"):
+    with pytest.raises(ProstlabError, match="^K:"):
         Camera.from_intrinsics("K", 128, 128, 620.0, sdd=1020.0)
 
 
@@ -641,7 +642,7 @@ def test_camera_dict_round_trip():
     del data["sid"]
     with pytest.raises(ValueError, match=r"missing key\(s\) \['sid'\]"):
         Camera.from_dict(data)
-    with pytest.raises(TypeError, match="mapping"):
+    with pytest.raises(ProstlabError, match="mapping"):
         Camera.from_dict([1, 2])
 
 
@@ -682,9 +683,9 @@ def test_check_pose():
         check_pose(torch.zeros(3))
     with pytest.raises(ValueError, match=r"^start: expected shape \(B, 6\), got \(2, 1, 6\)"):
         check_pose(torch.zeros(2, 1, 6), name="start")
-    with pytest.raises(TypeError, match="^pose: expected a floating-point tensor"):
+    with pytest.raises(ProstlabError, match="^pose: expected a floating-point tensor"):
         check_pose(torch.zeros(2, 6, dtype=torch.int64))
-    with pytest.raises(TypeError, match="^pose: expected a torch.Tensor"):
+    with pytest.raises(ProstlabError, match="^pose: expected a torch.Tensor"):
         check_pose(np.zeros((2, 6)))
     with pytest.raises(ValueError, match="^pose: expected finite values"):
         check_pose(torch.tensor([[0.0, 0, 0, 0, 0, float("nan")]]))
@@ -693,7 +694,7 @@ def test_check_pose():
 def test_functions_name_the_bad_argument():
     with pytest.raises(ValueError, match=r"^omega: expected shape \(\.\.\., 3\), got \(4, 2\)"):
         so3_exp(torch.zeros(4, 2))
-    with pytest.raises(TypeError, match="^omega: expected a floating-point tensor"):
+    with pytest.raises(ProstlabError, match="^omega: expected a floating-point tensor"):
         so3_exp(torch.zeros(4, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"^matrix: expected shape \(\.\.\., 3, 3\)"):
         so3_log(torch.zeros(3, 4))

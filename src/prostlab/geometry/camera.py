@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from prostlab.errors import ProstlabError
 from prostlab.geometry.checks import check_batched, check_tensor
 from prostlab.geometry.so3 import so3_exp
 
@@ -26,30 +27,30 @@ _K_TOLERANCE = 1e-9
 
 def _positive_real(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a positive number, got {type(value).__name__}")
+        raise ProstlabError(f"{name}: expected a positive number, got {type(value).__name__}")
     value = float(value)
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: expected a positive finite number, got {value}")
+        raise ProstlabError(f"{name}: expected a positive finite number, got {value}")
     return value
 
 
 def _positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected a positive integer, got {type(value).__name__}")
+        raise ProstlabError(f"{name}: expected a positive integer, got {type(value).__name__}")
     if value <= 0:
-        raise ValueError(f"{name}: expected a positive integer, got {value}")
+        raise ProstlabError(f"{name}: expected a positive integer, got {value}")
     return int(value)
 
 
 def _pair(value: object, name: str, form: str) -> tuple[float, float]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-        raise ValueError(f"{name}: expected a pair {form}, got {value!r}")
+        raise ProstlabError(f"{name}: expected a pair {form}, got {value!r}")
     out = []
     for item in value:  # type: ignore[union-attr]
         if isinstance(item, bool) or not isinstance(item, numbers.Real):
-            raise TypeError(f"{name}: expected a pair of numbers {form}, got {value!r}")
+            raise ProstlabError(f"{name}: expected a pair of numbers {form}, got {value!r}")
         if not math.isfinite(float(item)):
-            raise ValueError(f"{name}: expected finite numbers {form}, got {value!r}")
+            raise ProstlabError(f"{name}: expected finite numbers {form}, got {value!r}")
         out.append(float(item))
     return out[0], out[1]
 
@@ -82,7 +83,7 @@ class Camera:
         sdd = _positive_real(self.sdd, "sdd")
         sid = _positive_real(self.sid, "sid")
         if not sid < sdd:
-            raise ValueError(
+            raise ProstlabError(
                 f"sid: expected less than sdd = {sdd} (the isocentre lies between source and "
                 f"detector), got {sid}"
             )
@@ -91,7 +92,7 @@ class Camera:
         spacing = _pair(self.pixel_spacing, "pixel_spacing", "(dv, du) in mm")
         for value, label in zip(spacing, ("dv", "du"), strict=True):
             if not value > 0:
-                raise ValueError(
+                raise ProstlabError(
                     f"pixel_spacing: expected positive (dv, du), got {label} = {value}"
                 )
         principal = self.principal_point
@@ -175,27 +176,29 @@ class Camera:
         try:
             k = torch.as_tensor(K, dtype=torch.float64).detach().cpu()
         except (TypeError, ValueError, RuntimeError) as error:
-            raise TypeError(
+            raise ProstlabError(
                 f"K: expected a (3, 3) array of numbers, got {type(K).__name__}"
             ) from error
         if k.shape != (3, 3):
-            raise ValueError(f"K: expected shape (3, 3), got {tuple(k.shape)}")
+            raise ProstlabError(f"K: expected shape (3, 3), got {tuple(k.shape)}")
         if not bool(torch.isfinite(k).all()):
-            raise ValueError("K: expected finite values, got NaN or inf")
+            raise ProstlabError("K: expected finite values, got NaN or inf")
         fx, fy = float(k[0, 0]), float(k[1, 1])
         if not (fx > 0 and fy > 0):
-            raise ValueError(f"K: expected positive focal terms K[0, 0], K[1, 1], got {fx}, {fy}")
+            raise ProstlabError(
+                f"K: expected positive focal terms K[0, 0], K[1, 1], got {fx}, {fy}"
+            )
         scale = _K_TOLERANCE * max(fx, fy)
         if abs(float(k[0, 1])) > scale or abs(float(k[1, 0])) > scale:
-            raise ValueError(
+            raise ProstlabError(
                 f"K: expected zero skew K[0, 1] = K[1, 0] = 0, got {float(k[0, 1])}, "
                 f"{float(k[1, 0])}"
             )
         bottom = tuple(float(x) for x in k[2])
         if max(abs(bottom[0]), abs(bottom[1]), abs(bottom[2] - 1.0)) > _K_TOLERANCE:
-            raise ValueError(f"K: expected bottom row (0, 0, 1), got {bottom}")
+            raise ProstlabError(f"K: expected bottom row (0, 0, 1), got {bottom}")
         if (sdd is None) == (pixel_spacing is None):
-            raise ValueError(
+            raise ProstlabError(
                 "sdd, pixel_spacing: expected exactly one of them (K fixes only sdd / du and "
                 "sdd / dv), got " + ("both" if sdd is not None else "neither")
             )
@@ -205,10 +208,10 @@ class Camera:
         else:
             dv, du = _pair(pixel_spacing, "pixel_spacing", "(dv, du) in mm")
             if not (dv > 0 and du > 0):
-                raise ValueError(f"pixel_spacing: expected positive (dv, du), got {(dv, du)}")
+                raise ProstlabError(f"pixel_spacing: expected positive (dv, du), got {(dv, du)}")
             sdd = fx * du
             if abs(fy * dv - sdd) > 1e-6 * sdd:
-                raise ValueError(
+                raise ProstlabError(
                     f"pixel_spacing: K gives sdd = K[0, 0] * du = {sdd} but K[1, 1] * dv = "
                     f"{fy * dv}; expected (dv, du) in the ratio K[0, 0] : K[1, 1]"
                 )
@@ -309,12 +312,12 @@ class Camera:
         factor = _positive_real(factor, "factor")
         height, width = self.height * factor, self.width * factor
         if abs(height - round(height)) > 1e-9 or abs(width - round(width)) > 1e-9:
-            raise ValueError(
+            raise ProstlabError(
                 f"factor: expected a value that makes height x width = {self.height} x "
                 f"{self.width} integers, got {factor} (gives {height} x {width}); use resized()"
             )
         if round(height) < 1 or round(width) < 1:
-            raise ValueError(f"factor: expected at least one pixel, got {factor}")
+            raise ProstlabError(f"factor: expected at least one pixel, got {factor}")
         return self.resized(round(height), round(width))
 
     # ----------------------------------------------------------------------------- configs
@@ -339,12 +342,12 @@ class Camera:
             ValueError: a key is unknown or a required one is missing.
         """
         if not isinstance(data, Mapping):
-            raise TypeError(f"camera: expected a mapping of fields, got {type(data).__name__}")
+            raise ProstlabError(f"camera: expected a mapping of fields, got {type(data).__name__}")
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(names))
         if unknown:
-            raise ValueError(f"camera: unknown key(s) {unknown}; expected keys among {names}")
+            raise ProstlabError(f"camera: unknown key(s) {unknown}; expected keys among {names}")
         missing = [n for n in names if n != "principal_point" and n not in data]
         if missing:
-            raise ValueError(f"camera: missing key(s) {missing}")
+            raise ProstlabError(f"camera: missing key(s) {missing}")
         return cls(**dict(data))

@@ -12,6 +12,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from prostlab.errors import ProstlabError
+
 
 def check_tensor(x: object, name: str, trailing: tuple[int, ...], form: str) -> Tensor:
     """Check that ``x`` is a floating-point tensor whose shape ends with ``trailing``.
@@ -30,12 +32,14 @@ def check_tensor(x: object, name: str, trailing: tuple[int, ...], form: str) -> 
         ValueError: the shape does not end with ``trailing``.
     """
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor of shape {form}, got {type(x).__name__}")
+        raise ProstlabError(
+            f"{name}: expected a torch.Tensor of shape {form}, got {type(x).__name__}"
+        )
     if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+        raise ProstlabError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
     n = len(trailing)
     if x.ndim < n or tuple(x.shape[x.ndim - n :]) != trailing:
-        raise ValueError(f"{name}: expected shape {form}, got {tuple(x.shape)}")
+        raise ProstlabError(f"{name}: expected shape {form}, got {tuple(x.shape)}")
     return x
 
 
@@ -47,7 +51,7 @@ def check_batched(x: object, name: str, trailing: tuple[int, ...]) -> Tensor:
     form = "(B, " + ", ".join(str(d) for d in trailing) + ")"
     x = check_tensor(x, name, trailing, form)
     if x.ndim != len(trailing) + 1:
-        raise ValueError(f"{name}: expected shape {form}, got {tuple(x.shape)}")
+        raise ProstlabError(f"{name}: expected shape {form}, got {tuple(x.shape)}")
     return x
 
 
@@ -55,7 +59,7 @@ def check_same_batch(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     """Check that two batched tensors have equal batch sizes or that one of them is 1."""
     na, nb = a.shape[0], b.shape[0]
     if na != nb and 1 not in (na, nb):
-        raise ValueError(f"{name_b}: expected batch size {na} (that of {name_a}) or 1, got {nb}")
+        raise ProstlabError(f"{name_b}: expected batch size {na} (that of {name_a}) or 1, got {nb}")
 
 
 def check_pose(pose: object, name: str = "pose") -> Tensor:
@@ -78,17 +82,17 @@ def check_pose(pose: object, name: str = "pose") -> Tensor:
     """
     pose = check_batched(pose, name, (6,))
     if not bool(torch.isfinite(pose).all()):
-        raise ValueError(f"{name}: expected finite values, got NaN or inf")
+        raise ProstlabError(f"{name}: expected finite values, got NaN or inf")
     return pose
 
 
 def check_weight(value: object, name: str, *, positive: bool = False) -> float:
     """Check that ``value`` is a number >= 0 (> 0 when ``positive``); return it as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+        raise ProstlabError(f"{name}: expected a number, got {type(value).__name__}")
     value = float(value)
     bad = not value > 0 if positive else not value >= 0
     if bad or value == float("inf"):
         kind = "positive" if positive else "non-negative"
-        raise ValueError(f"{name}: expected a finite {kind} number, got {value}")
+        raise ProstlabError(f"{name}: expected a finite {kind} number, got {value}")
     return value

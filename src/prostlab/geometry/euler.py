@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prostlab.errors import ProstlabError
 from prostlab.geometry.checks import check_batched, check_same_batch
 from prostlab.geometry.so3 import so3_exp, so3_log
 
@@ -39,7 +40,7 @@ def _parse(convention: object) -> tuple[tuple[int, int, int], bool]:
         and convention[1] != convention[2]
     )
     if not ok:
-        raise ValueError(
+        raise ProstlabError(
             "convention: expected three axis letters from 'xyz', consecutive ones different, "
             "all lower case (extrinsic, e.g. 'xyz', 'zxz') or all upper case (intrinsic, e.g. "
             f"'XYZ', 'ZXZ'), got {convention!r}"
