@@ -46,10 +46,17 @@ def test_bright_voxel_lands_where_K_E_projects_it(seed):
     volume = torch.zeros(1, 1, n, n, n, dtype=torch.float64)
     index = torch.randint(6, n - 6, (3,), generator=g)
     volume[0, 0, index[0], index[1], index[2]] = 1.0
-    camera = Camera(sdd=300.0, sid=200.0, height=64, width=48, pixel_spacing=(1.0, 1.25),
-                    principal_point=(25.0, 30.0))
-    p = torch.cat([(torch.rand(3, generator=g) - 0.5) * 0.6,
-                   (torch.rand(3, generator=g) - 0.5) * 20.0]).to(torch.float64)[None]
+    camera = Camera(
+        sdd=300.0,
+        sid=200.0,
+        height=64,
+        width=48,
+        pixel_spacing=(1.0, 1.25),
+        principal_point=(25.0, 30.0),
+    )
+    p = torch.cat(
+        [(torch.rand(3, generator=g) - 0.5) * 0.6, (torch.rand(3, generator=g) - 0.5) * 20.0]
+    ).to(torch.float64)[None]
     image = Projector(camera, step=0.05, backend="torch")(volume, (s, s, s), p)[0, 0]
 
     centre = (index.to(torch.float64) - (n - 1) / 2) * s
@@ -94,8 +101,10 @@ def test_translation_shifts_the_image_by_the_magnification():
 def test_batch_equals_items_rendered_alone():
     g = torch.Generator().manual_seed(4)
     volumes = torch.rand(3, 2, 8, 9, 10, generator=g)
-    poses = torch.cat([(torch.rand(3, 3, generator=g) - 0.5) * 0.4,
-                       (torch.rand(3, 3, generator=g) - 0.5) * 6.0], dim=1)
+    poses = torch.cat(
+        [(torch.rand(3, 3, generator=g) - 0.5) * 0.4, (torch.rand(3, 3, generator=g) - 0.5) * 6.0],
+        dim=1,
+    )
     projector = Projector(small_camera(size=11), step=0.7, backend="torch")
     spacing = (1.0, 0.9, 1.1)
     together = projector(volumes, spacing, poses)
@@ -103,8 +112,9 @@ def test_batch_equals_items_rendered_alone():
     for b in range(3):
         alone = projector(volumes[b : b + 1], spacing, poses[b : b + 1])
         assert torch.allclose(together[b], alone[0], atol=1e-6)
-        assert torch.allclose(shared[b], projector(volumes[:1], spacing, poses[b : b + 1])[0],
-                              atol=1e-6)
+        assert torch.allclose(
+            shared[b], projector(volumes[:1], spacing, poses[b : b + 1])[0], atol=1e-6
+        )
 
 
 def test_chunking_does_not_change_images_or_gradients():
@@ -124,11 +134,17 @@ def test_chunking_does_not_change_images_or_gradients():
 def _tiny_setup(seed, channels=2):
     g = torch.Generator().manual_seed(seed)
     volume = torch.rand(1, channels, 4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    p = torch.cat([(torch.rand(2, 3, generator=g) - 0.5) * 0.5,
-                   (torch.rand(2, 3, generator=g) - 0.5) * 2.0], dim=1)
+    p = torch.cat(
+        [(torch.rand(2, 3, generator=g) - 0.5) * 0.5, (torch.rand(2, 3, generator=g) - 0.5) * 2.0],
+        dim=1,
+    )
     p = p.to(torch.float64).requires_grad_()
-    projector = Projector(Camera(sdd=60.0, sid=40.0, height=4, width=5, pixel_spacing=(2.0, 1.8)),
-                          step=0.7, backend="torch", max_samples=64)
+    projector = Projector(
+        Camera(sdd=60.0, sid=40.0, height=4, width=5, pixel_spacing=(2.0, 1.8)),
+        step=0.7,
+        backend="torch",
+        max_samples=64,
+    )
     return projector, volume, p
 
 
@@ -154,7 +170,8 @@ def test_double_backward_of_a_pose_gradient_reaches_the_volume():
 def test_rays_missing_the_volume_give_zero():
     volume = torch.ones(1, 1, 4, 4, 4, dtype=torch.float64)
     image = Projector(small_camera(), step=0.5, backend="torch")(
-        volume, (1.0, 1.0, 1.0), pose(trans=(100.0, 0.0, 0.0)))
+        volume, (1.0, 1.0, 1.0), pose(trans=(100.0, 0.0, 0.0))
+    )
     assert torch.count_nonzero(image) == 0
 
 
@@ -165,8 +182,10 @@ def test_image_is_continuous_in_the_pose():
     projector = Projector(small_camera(size=15), step=0.8, backend="torch")
     base = pose(rot=(0.3, 0.2, 0.1), trans=(0.5, 0.3, 0.0))
     steps = torch.linspace(0, 1e-3, 11, dtype=torch.float64)
-    images = [projector(volume, (1.0, 1.0, 1.0), base + torch.tensor([[0, 0, 0, 0, 0, 1.0]]) * d)
-              for d in steps]
+    images = [
+        projector(volume, (1.0, 1.0, 1.0), base + torch.tensor([[0, 0, 0, 0, 0, 1.0]]) * d)
+        for d in steps
+    ]
     jumps = torch.stack([(b - a).abs().max() for a, b in zip(images, images[1:], strict=False)])
     assert jumps.max() < 1e-3
 

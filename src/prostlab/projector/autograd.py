@@ -31,7 +31,9 @@ class _Project(Function):
     def backward(ctx, g):
         vol, M = ctx.saved_tensors
         need_vol, need_M = ctx.needs_input_grad[:2]
-        gvol, gM = _ProjectVJP.apply(vol, M, g.contiguous(), ctx.rays, ctx.backend, need_vol, need_M)
+        gvol, gM = _ProjectVJP.apply(
+            vol, M, g.contiguous(), ctx.rays, ctx.backend, need_vol, need_M
+        )
         return gvol, gM, None, None
 
 

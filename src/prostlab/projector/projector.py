@@ -30,8 +30,9 @@ class Projector(nn.Module):
         max_samples: samples per chunk of rays (torch backend); bounds the memory in use.
     """
 
-    def __init__(self, camera: Camera, step: float = 1.0, backend: str = "auto",
-                 max_samples: int = 1 << 21):
+    def __init__(
+        self, camera: Camera, step: float = 1.0, backend: str = "auto", max_samples: int = 1 << 21
+    ):
         super().__init__()
         if not isinstance(camera, Camera):
             raise ProstlabError(f"camera: expected a prostlab.geometry.Camera, got {type(camera)}")
@@ -52,8 +53,9 @@ class Projector(nn.Module):
         dtype = volume.dtype if volume.dtype in (torch.float32, torch.float64) else torch.float32
         R, t = extrinsics[:, :, :3].to(dtype), extrinsics[:, :, 3:].to(dtype)
         M = torch.cat((R.transpose(1, 2), -R.transpose(1, 2) @ t), dim=2)
-        rays = RayBundle.from_camera(self.camera, spacing, volume.shape[2:], self.step,
-                                     dtype, volume.device)
+        rays = RayBundle.from_camera(
+            self.camera, spacing, volume.shape[2:], self.step, dtype, volume.device
+        )
         backend = resolve_backend(self.backend, volume.device, self.max_samples)
         image = project(volume.to(dtype).contiguous(), M.contiguous(), rays, backend)
         batch, channels = image.shape[:2]

@@ -43,7 +43,9 @@ class RayBundle:
         """Build the rays of ``camera`` for a volume of array shape ``grid`` and ``spacing``."""
         spacing = tuple(float(s) for s in spacing)
         if len(spacing) != 3 or not all(s > 0 for s in spacing):
-            raise ProstlabError(f"spacing: expected three positive voxel sizes in mm, got {spacing}")
+            raise ProstlabError(
+                f"spacing: expected three positive voxel sizes in mm, got {spacing}"
+            )
         if not step > 0:
             raise ProstlabError(f"step: expected a positive sampling distance in mm, got {step}")
         rays = camera.ray_directions(dtype=dtype, device=device)
@@ -81,8 +83,12 @@ class RayBundle:
         t0, t1 = (-h - c) / safe_w, (h - c) / safe_w
         inside = c.abs() <= h
         unbounded = torch.full_like(w, torch.inf)
-        lo = torch.where(parallel, torch.where(inside, -unbounded, unbounded), torch.minimum(t0, t1))
-        hi = torch.where(parallel, torch.where(inside, unbounded, -unbounded), torch.maximum(t0, t1))
+        lo = torch.where(
+            parallel, torch.where(inside, -unbounded, unbounded), torch.minimum(t0, t1)
+        )
+        hi = torch.where(
+            parallel, torch.where(inside, unbounded, -unbounded), torch.maximum(t0, t1)
+        )
         t_in, t_out = lo.amax(dim=-1), hi.amin(dim=-1)
         hits = t_in <= t_out
         length = length.expand_as(t_in)

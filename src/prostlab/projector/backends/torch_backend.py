@@ -166,7 +166,8 @@ def _corners(chunk: _Chunk, rays: RayBundle, n_volumes: int, order: int) -> Iter
     batch = chunk.x.shape[0]
     volume_of_item = torch.arange(batch, device=q.device) * (1 if n_volumes > 1 else 0)
     row0 = (volume_of_item * (padded[0] * strides[0]))[:, None, None] + (
-        base[..., 0] * strides[0] + base[..., 1] * strides[1] + base[..., 2])
+        base[..., 0] * strides[0] + base[..., 1] * strides[1] + base[..., 2]
+    )
     ones = [1 - frac[..., a] for a in range(3)]
     for corner in _CORNERS:
         w = [frac[..., a] if corner[a] else ones[a] for a in range(3)]
@@ -191,9 +192,11 @@ def _hessian_times(hess: dict, dq: torch.Tensor) -> torch.Tensor:
     """``H dq`` for a corner's weight Hessian (zero diagonal), stacked over the 3 axes."""
     h01, h02, h12 = hess[(0, 1)], hess[(0, 2)], hess[(1, 2)]
     return torch.stack(
-        (h01 * dq[..., 1] + h02 * dq[..., 2],
-         h01 * dq[..., 0] + h12 * dq[..., 2],
-         h02 * dq[..., 0] + h12 * dq[..., 1]),
+        (
+            h01 * dq[..., 1] + h02 * dq[..., 2],
+            h01 * dq[..., 0] + h12 * dq[..., 2],
+            h02 * dq[..., 0] + h12 * dq[..., 1],
+        ),
         dim=-1,
     )
 

@@ -1,0 +1,165 @@
+"""The ``prostlab`` command: ``prepare`` a CT, ``render`` DRRs.
+
+Bad input (a ``ProstlabError``, a missing file) is printed on one line, and the command exits
+with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from prostlab.errors import ProstlabError
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from prostlab.data import prepare_ct
+
+    bones: str | list[int] = args.bones
+    if all(part.strip().isdigit() for part in args.bones.split(",")):
+        bones = [int(part) for part in args.bones.split(",")]
+    written = prepare_ct(
+        args.ct,
+        args.labels,
+        args.out,
+        size=args.size,
+        bones=bones,
+        structures_csv=args.structures,
+        side_mm=args.side_mm,
+        margin_mm=args.margin_mm,
+        mu_water=args.mu_water,
+    )
+    for key, path in written.items():
+        print(f"{key:>10}: {path}")
+
+
+def _render(args: argparse.Namespace) -> None:
+    from rich.progress import Progress
+
+    from prostlab.data import example_path
+    from prostlab.geometry import Camera
+    from prostlab.render import (
+        PROST_PELVIS_CAMERA,
+        camera_from_config,
+        load_volume,
+        poses_from_degrees,
+        read_pose_csv,
+        render_poses,
+    )
+    from prostlab.viz.images import save_drr_png
+
+    volume = load_volume(args.volume or example_path(), which=args.which)
+    if args.poses:
+        poses = read_pose_csv(args.poses)
+    else:
+        poses = poses_from_degrees(args.pose or [[0.0] * 6])
+    camera = camera_from_config(args.config) if args.config else PROST_PELVIS_CAMERA
+    overrides = {
+        k: getattr(args, k)
+        for k in ("sdd", "sid", "height", "width")
+        if getattr(args, k) is not None
+    }
+    if args.pixel_spacing is not None:
+        overrides["pixel_spacing"] = (args.pixel_spacing, args.pixel_spacing)
+    if overrides:
+        camera = Camera.from_dict({**camera.to_dict(), **overrides})
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with Progress(transient=True) as progress:
+        task = progress.add_task("rendering", total=len(poses))
+        images = render_poses(
+            volume,
+            camera,
+            poses,
+            args.step,
+            args.backend,
+            args.device,
+            args.batch_size,
+            lambda n: progress.advance(task, n),
+        )
+    np_path = out / "drrs.npy"
+    import numpy as np
+
+    np.save(np_path, images)
+    degrees = poses.clone()
+    degrees[:, :3] *= 180.0 / math.pi
+    for i, image in enumerate(images):
+        title = "rotation (deg) {:.1f} {:.1f} {:.1f}, translation (mm) {:.1f} {:.1f} {:.1f}".format(
+            *degrees[i].tolist()
+        )
+        save_drr_png(out / f"drr_{i:03d}.png", image[0], colorbar=args.colorbar, title=title)
+    print(
+        f"wrote {len(images)} DRR(s) of {camera.height}x{camera.width} to {out}/ "
+        f"(drr_*.png, {np_path.name}: array {tuple(images.shape)})"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prostlab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prep = sub.add_parser("prepare", help="CT (+ labels) -> attenuation cube, segmented CT")
+    prep.add_argument("--ct", required=True, help="CT in HU: NIfTI file or DICOM series folder")
+    prep.add_argument("--labels", help="label map on the CT's grid (NIfTI or DICOM)")
+    prep.add_argument("--out", required=True, help="output folder")
+    prep.add_argument("--size", type=int, default=128, help="voxels per cube edge (default 128)")
+    prep.add_argument(
+        "--bones",
+        default="bones",
+        help="bone preset (bones, pelvis), a group of structures.csv, or ids 1,2,3",
+    )
+    prep.add_argument("--structures", help="class table CSV (default: beside the labels)")
+    prep.add_argument("--side-mm", type=float, help="cube edge in mm (default: fit the bones)")
+    prep.add_argument("--margin-mm", type=float, default=0.0, help="margin around the bones, mm")
+    prep.add_argument("--mu-water", type=float, default=0.02683, help="mu of water, 1/mm")
+    prep.set_defaults(run=_prepare)
+
+    ren = sub.add_parser("render", help="DRRs of a volume at given poses -> PNG and .npy")
+    ren.add_argument("--volume", help="prepared folder or NIfTI of mu (default: bundled example)")
+    ren.add_argument(
+        "--which",
+        choices=("ct", "bone"),
+        default="ct",
+        help="of a prepared folder: the full CT or the segmented bones",
+    )
+    ren.add_argument(
+        "--pose",
+        type=float,
+        nargs=6,
+        action="append",
+        metavar=("RX_DEG", "RY_DEG", "RZ_DEG", "TX_MM", "TY_MM", "TZ_MM"),
+        help="a pose: rotation vector in degrees, translation in mm (repeatable)",
+    )
+    ren.add_argument("--poses", help="CSV with columns rx_deg,ry_deg,rz_deg,tx_mm,ty_mm,tz_mm")
+    ren.add_argument("--config", help="YAML whose camera section sets the camera")
+    ren.add_argument("--sdd", type=float, help="source-to-detector distance, mm")
+    ren.add_argument("--sid", type=float, help="source-to-isocentre distance, mm")
+    ren.add_argument("--height", type=int, help="detector rows")
+    ren.add_argument("--width", type=int, help="detector columns")
+    ren.add_argument("--pixel-spacing", type=float, help="detector pixel size, mm")
+    ren.add_argument("--step", type=float, default=1.75, help="sample step along rays, mm")
+    ren.add_argument("--backend", default="auto", choices=("auto", "torch", "cupy"))
+    ren.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    ren.add_argument("--batch-size", type=int, default=8, help="poses rendered at once")
+    ren.add_argument("--colorbar", action="store_true", help="PNG with a colour bar and title")
+    ren.add_argument("--out", default="drr", help="output folder (default ./drr)")
+    ren.set_defaults(run=_render)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``prostlab`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ProstlabError, FileNotFoundError) as exc:
+        print(f"prostlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

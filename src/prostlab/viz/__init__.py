@@ -1,0 +1,1 @@
+"""Figures, overlays and animations."""

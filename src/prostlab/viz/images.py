@@ -1,0 +1,31 @@
+"""Write DRRs as images a person can look at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def save_drr_png(
+    path: str | Path, image: np.ndarray, colorbar: bool = False, title: str | None = None
+) -> Path:
+    """Save a (H, W) line-integral image as a grey PNG; with ``colorbar``, a labelled figure."""
+    path = Path(path)
+    if not colorbar:
+        plt.imsave(path, image, cmap="gray")
+        return path
+    fig, ax = plt.subplots(figsize=(5, 4.2), dpi=120)
+    shown = ax.imshow(image, cmap="gray")
+    fig.colorbar(shown, ax=ax, label="line integral of mu (dimensionless)")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
