@@ -4,6 +4,7 @@ The public entry points are :func:`prepare_ct` (a CT file -> a prepared director
 :func:`load_prepared` (a prepared directory -> :class:`PreparedCT` of :class:`Volume` s).
 """
 
+from prostlab.data.datamodule import PoseCaseDataset, PoseDataModule
 from prostlab.data.example import example_path
 from prostlab.data.intensity import MU_WATER, fill_outside_fov, hu_to_mu
 from prostlab.data.io import load_image, save_nifti
@@ -14,6 +15,7 @@ from prostlab.data.orientation import (
     reorient,
     reoriented_grid,
 )
+from prostlab.data.poses import PoseDistribution, PoseSampler, case_generator, prost_normalised
 from prostlab.data.prepare import PreparedCT, check_same_grid, load_prepared, prepare_ct
 from prostlab.data.resample import CubeGrid, cube_grid, resample_linear, resample_nearest
 from prostlab.data.volume import Volume, spacing_of
@@ -23,9 +25,14 @@ __all__ = [
     "PREPARED_ORIENTATION",
     "PRESETS",
     "CubeGrid",
+    "PoseCaseDataset",
+    "PoseDataModule",
+    "PoseDistribution",
+    "PoseSampler",
     "PreparedCT",
     "Volume",
     "bone_ids",
+    "case_generator",
     "bone_mask",
     "check_same_grid",
     "cube_grid",
@@ -35,6 +42,7 @@ __all__ = [
     "load_image",
     "load_prepared",
     "orientation_of",
+    "prost_normalised",
     "prepare_ct",
     "read_structures",
     "reorient",

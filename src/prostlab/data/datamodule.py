@@ -1,0 +1,250 @@
+"""The LightningDataModule: CT volumes, split by volume, and seeded registration cases over them.
+
+Batches carry poses and volume indices, never images: the LightningModule renders targets on its
+own device, so loading stays cheap and the GPU renders. A case is
+
+    {"volume_index": int, "gt_pose": (6,), "initial_pose": (6,), "case": int}
+
+drawn from :class:`~prostlab.data.poses.PoseSampler` with a generator seeded by ``(seed, split,
+index)``: the same seed and config give the same cases whatever the number of workers or
+processes. Training cases are a long fixed sequence (``train_samples``, read in order: every case
+is already an independent random draw, so shuffling adds nothing and would make the global batch
+depend on the number of processes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from prostlab.data.example import example_path
+from prostlab.data.poses import PoseDistribution, PoseSampler, case_generator
+from prostlab.data.prepare import PreparedCT, load_prepared, prepare_ct
+from prostlab.errors import ProstlabError
+
+SPLITS = ("train", "val", "test")
+
+
+class PoseCaseDataset(Dataset):
+    """``n`` seeded registration cases spread over the volumes ``volume_indices`` in turn."""
+
+    def __init__(
+        self, volume_indices: Sequence[int], sampler: PoseSampler, n: int, seed: int, split: str
+    ):
+        self.volume_indices = list(volume_indices)
+        self.sampler, self.n, self.seed = sampler, int(n), int(seed)
+        self.split_key = SPLITS.index(split)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        gt, initial = self.sampler.sample(1, case_generator(self.seed, self.split_key, index))
+        return {
+            "volume_index": self.volume_indices[index % len(self.volume_indices)],
+            "gt_pose": gt[0].float(),
+            "initial_pose": initial[0].float(),
+            "case": index,
+        }
+
+
+class PoseDataModule(pl.LightningDataModule):
+    """CT/segmentation pairs, prepared once and cached, and registration cases around them.
+
+    Args:
+        volumes: the data, a list of entries, each either ``{"prepared": DIR}`` (a folder written
+            by ``prostlab prepare``) or ``{"ct": PATH, "labels": PATH}`` (prepared into
+            ``cache_dir`` on first use). Default: the bundled example.
+        cache_dir: where raw CTs are prepared to, one folder per CT and preparation settings.
+        size: voxels per cube edge when preparing.
+        bones: bone selection when preparing (a preset, a group, or label ids).
+        split: volume indices per split, e.g. ``{"train": [0, 1, 2], "val": [3], "test": [4]}``.
+            Default: the last 20 % of the volumes for test, the 20 % before for validation, at
+            least one each, when there are three volumes or more; otherwise every split uses
+            every volume (and a warning says so).
+        train_poses, val_poses, test_poses: pose samplers, each a mapping
+            ``{"ground_truth": {...}, "initial": {...}, "relative": bool}`` of
+            :class:`~prostlab.data.poses.PoseDistribution` fields (degrees and mm).
+        train_samples, val_samples, test_samples: cases per split.
+        batch_size: the **global** batch; each of ``world_size`` processes takes an equal share.
+        num_workers: data-loader workers per process.
+        seed: seeds every draw.
+    """
+
+    def __init__(
+        self,
+        volumes: list[dict[str, str]] | None = None,
+        cache_dir: str = "cache/prepared",
+        size: int = 128,
+        bones: str | list[int] = "bones",
+        split: dict[str, list[int]] | None = None,
+        train_poses: dict[str, Any] | None = None,
+        val_poses: dict[str, Any] | None = None,
+        test_poses: dict[str, Any] | None = None,
+        train_samples: int = 1_000_000,
+        val_samples: int = 16,
+        test_samples: int = 100,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.sources = [dict(v) for v in (volumes or [{"prepared": str(example_path())}])]
+        for i, source in enumerate(self.sources):
+            if set(source) not in ({"prepared"}, {"ct", "labels"}, {"ct"}):
+                raise ProstlabError(
+                    f"data.volumes[{i}]: expected {{prepared: DIR}} or {{ct: PATH, labels: PATH}}, "
+                    f"got keys {sorted(source)}"
+                )
+        self.cache_dir, self.size, self.bones = Path(cache_dir), int(size), bones
+        self.split = self._resolve_split(split)
+        self.samplers = {
+            name: _sampler(config, f"data.{name}_poses")
+            for name, config in zip(SPLITS, (train_poses, val_poses, test_poses), strict=True)
+        }
+        self.counts = {"train": train_samples, "val": val_samples, "test": test_samples}
+        for name, count in self.counts.items():
+            if int(count) < 1:
+                raise ProstlabError(f"data.{name}_samples: expected a positive count, got {count}")
+        if int(batch_size) < 1:
+            raise ProstlabError(f"data.batch_size: expected a positive integer, got {batch_size}")
+        self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
+        self.prepared: list[PreparedCT] = []
+
+    # ------------------------------------------------------------------------------ volumes
+    def _resolve_split(self, split: Mapping[str, list[int]] | None) -> dict[str, list[int]]:
+        n = len(self.sources)
+        if split is None:
+            if n < 3:
+                rank_zero_warn(
+                    f"data: {n} volume(s), too few to split by volume; train, val and test all "
+                    "use every volume. Give three or more volumes for a held-out evaluation."
+                )
+                return {name: list(range(n)) for name in SPLITS}
+            held = max(1, round(0.2 * n))
+            return {
+                "train": list(range(n - 2 * held)),
+                "val": list(range(n - 2 * held, n - held)),
+                "test": list(range(n - held, n)),
+            }
+        unknown = sorted(set(split) - set(SPLITS))
+        if unknown:
+            raise ProstlabError(f"data.split: unknown split(s) {unknown}; expected {SPLITS}")
+        resolved = {}
+        for name in SPLITS:
+            indices = list(split.get(name, []))
+            if not indices or any(not 0 <= i < n for i in indices):
+                raise ProstlabError(
+                    f"data.split.{name}: expected a non-empty list of volume indices in "
+                    f"[0, {n - 1}], got {indices}"
+                )
+            resolved[name] = indices
+        return resolved
+
+    def _cached_folder(self, source: Mapping[str, str]) -> Path:
+        """The cache folder of a raw CT: named by the inputs' identity and the settings."""
+        identity = {"size": self.size, "bones": self.bones}
+        for key in ("ct", "labels"):
+            if key in source:
+                path = Path(source[key])
+                if not path.exists():
+                    raise ProstlabError(f"data.volumes: {key} {path}: no such file or folder")
+                stat = path.stat()
+                identity[key] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+        return self.cache_dir / f"{Path(source['ct']).name.split('.')[0]}-{digest}"
+
+    def _folder(self, source: Mapping[str, str]) -> Path:
+        if "prepared" in source:
+            folder = Path(source["prepared"])
+            if not (folder / "meta.json").is_file():
+                raise ProstlabError(
+                    f"data.volumes: prepared {folder}: no meta.json; expected a folder written "
+                    "by `prostlab prepare`"
+                )
+            return folder
+        return self._cached_folder(source)
+
+    def prepare_data(self) -> None:
+        """Prepare every raw CT not yet in the cache (runs once, on the first process)."""
+        for source in self.sources:
+            folder = self._folder(source)
+            if "ct" in source and not (folder / "meta.json").is_file():
+                rank_zero_info(f"preparing {source['ct']} into {folder}")
+                prepare_ct(
+                    source["ct"], source.get("labels"), folder, size=self.size, bones=self.bones
+                )
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.prepared:
+            self.prepare_data()  # idempotent; covers use without a Trainer
+            self.prepared = [load_prepared(self._folder(source)) for source in self.sources]
+            for source, prepared in zip(self.sources, self.prepared, strict=True):
+                if prepared.bone is None or not bool(prepared.bone.data.gt(0).any()):
+                    raise ProstlabError(
+                        f"data.volumes: {prepared.directory}: the segmented CT has no bone "
+                        f"voxels (source {source}); check the labels and data.bones"
+                    )
+
+    # ---------------------------------------------------------------------------- datasets
+    def dataset(self, split: str) -> PoseCaseDataset:
+        """The cases of ``split`` ("train", "val" or "test")."""
+        return PoseCaseDataset(
+            self.split[split], self.samplers[split], self.counts[split], self.seed, split
+        )
+
+    def per_process_batch(self) -> int:
+        """The global batch divided over the processes; it must divide evenly."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world:
+            raise ProstlabError(
+                f"data.batch_size: {self.batch_size} does not divide over {world} processes; "
+                f"expected a multiple of {world}"
+            )
+        return self.batch_size // world
+
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.per_process_batch(),
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+def _sampler(config: Mapping[str, Any] | None, name: str) -> PoseSampler:
+    if config is None:
+        return PoseSampler()
+    if not isinstance(config, Mapping):
+        raise ProstlabError(f"{name}: expected a mapping with ground_truth, initial, relative")
+    unknown = sorted(set(config) - {"ground_truth", "initial", "relative"})
+    if unknown:
+        raise ProstlabError(
+            f"{name}: unknown key(s) {unknown}; expected ground_truth, initial, relative"
+        )
+    return PoseSampler(
+        ground_truth=PoseDistribution.from_config(
+            config.get("ground_truth", {}), f"{name}.ground_truth"
+        ),
+        initial=PoseDistribution.from_config(config.get("initial", {}), f"{name}.initial"),
+        relative=bool(config.get("relative", True)),
+    )
