@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# All GPU checks in one short script (`make gpu-check`; under 4 minutes on an H200):
+#   1. the GPU tests (`pytest -m gpu`): CuPy kernels against the torch backend in float32 and
+#      float64, gradcheck / gradgradcheck on the GPU, a 1024^2 DRR of a 256^3 volume, streams
+#      and devices;
+#   2. the GPU benchmark (bench/projector_gpu.py), whose markdown table comes last.
+# Needs a CUDA build of torch and CuPy in the environment: `pip install -e '.[gpu]'` (and
+# `make setup TORCH_SPEC=torch` for torch's CUDA wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-.venv/bin/python}"
+[ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
+
+"$PYTHON" - <<'PY'
+import sys
+import torch
+if not torch.cuda.is_available():
+    sys.exit(f"gpu-check: torch {torch.__version__} sees no CUDA device (a CPU build, or no GPU)")
+try:
+    import cupy
+except ImportError:
+    sys.exit("gpu-check: CuPy is missing; pip install -e '.[gpu]'")
+print(f"gpu-check: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+      f"CuPy {cupy.__version__}, {torch.cuda.device_count()} device(s)")
+PY
+
+echo "== GPU tests"
+timeout 100 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider
+
+echo "== GPU benchmark"
+timeout 130 "$PYTHON" bench/projector_gpu.py --quick --time-limit 90 --out results/projector_gpu.md

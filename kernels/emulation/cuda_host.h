@@ -1,0 +1,108 @@
+// Host emulation of the little CUDA that the ProST kernels use, so that the same .cu sources
+// compile as plain C++ and their arithmetic can be tested on a machine without a GPU:
+//
+//   g++ -x c++ -std=c++17 -O2 -shared -fPIC -Wno-unknown-pragmas
+//       -include kernels/emulation/cuda_host.h kernels/prost.cu -o libprost_host.so
+//
+// A launch runs every block, and every thread of a block, one after the other in a plain loop,
+// with blockIdx / threadIdx / blockDim / gridDim set as (thread-local) globals. That is exact for
+// kernels whose threads never wait for one another, which is why the kernels avoid shared memory
+// and __syncthreads (left undefined here, so that using them fails to compile):
+//
+//   * atomicAdd is a plain read-add-write (one thread runs at a time);
+//   * warpSize is 1, so a warp reduction is the identity and every thread is its warp's lane 0:
+//     the pose-gradient sum becomes one add per ray instead of one per warp. The shuffle tree
+//     itself runs only on a GPU.
+//
+// Each kernel listed with PROST_HOST_EXPORT(name) gets an entry point
+//
+//   extern "C" void name_host(unsigned grid_x, grid_y, grid_z, block_x, block_y, block_z,
+//                             void** args)
+//
+// whose args are cuLaunchKernel's: args[i] points to the value of the kernel's i-th parameter.
+
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include <cstddef>
+#include <type_traits>
+#include <utility>
+
+#define PROST_HOST_EMULATION 1
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+
+struct uint3 {
+  unsigned int x, y, z;
+};
+
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1)
+      : x(x_), y(y_), z(z_) {}
+};
+
+inline thread_local uint3 threadIdx = {0, 0, 0};
+inline thread_local uint3 blockIdx = {0, 0, 0};
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+
+constexpr int warpSize = 1;
+
+template <typename T>
+inline T atomicAdd(T* address, T value) {
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
+
+template <typename T>
+inline T __ldg(const T* address) {
+  return *address;
+}
+
+// Never called: warp loops run zero times with warpSize 1.
+template <typename T>
+inline T __shfl_down_sync(unsigned int, T value, unsigned int) {
+  return value;
+}
+
+namespace prost_host {
+
+template <typename... A, std::size_t... I>
+inline void call(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
+  kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
+}
+
+// Run kernel<<<grid, block>>>(args...) as nested loops over blocks and threads.
+template <typename... A>
+inline void launch(void (*kernel)(A...), dim3 grid, dim3 block, void** args) {
+  gridDim = grid;
+  blockDim = block;
+  for (unsigned int bz = 0; bz < grid.z; ++bz)
+    for (unsigned int by = 0; by < grid.y; ++by)
+      for (unsigned int bx = 0; bx < grid.x; ++bx) {
+        blockIdx = {bx, by, bz};
+        for (unsigned int tz = 0; tz < block.z; ++tz)
+          for (unsigned int ty = 0; ty < block.y; ++ty)
+            for (unsigned int tx = 0; tx < block.x; ++tx) {
+              threadIdx = {tx, ty, tz};
+              call(kernel, args, std::index_sequence_for<A...>{});
+            }
+      }
+}
+
+}  // namespace prost_host
+
+#define PROST_HOST_EXPORT(kernel)                                                          \
+  extern "C" void kernel##_host(unsigned int gx, unsigned int gy, unsigned int gz,         \
+                                unsigned int bx, unsigned int by, unsigned int bz,         \
+                                void** args) {                                             \
+    prost_host::launch(kernel, dim3(gx, gy, gz), dim3(bx, by, bz), args);                  \
+  }

@@ -1,0 +1,182 @@
+// The ProST projector's four primitives as fused CUDA kernels (float and double).
+//
+// With f_V the zero-padded trilinear interpolant of the volume V, x_pk = M (tau_k d_p, 1) the
+// sample positions (prost_common.cuh), s the step and g a cotangent image (B, C, P):
+//
+//   forward   out[b, ch, p] = s sum_k f_V(x_pk)                                    (B, C, P)
+//   jvp       out[b, ch, p] = s sum_k grad f_V(x_pk) . (dM (tau_k d_p, 1))         (B, C, P)
+//   vjp       gvol += scatter of s g[b, ch, p] w_n(x_pk) to each cell corner n     (Bv, C, D, H, W)
+//             gM[b] += s sum_{p,k} (sum_ch g grad f_V(x_pk)) (tau_k d_p, 1)^T      (B, 3, 4)
+//   jvp_vjp   the gradients of <g, jvp(V, M, dM)>:
+//             gvol += scatter of s g (grad w_n(x_pk) . dq_pk)                      (Bv, C, D, H, W)
+//             gM[b] += s sum_{p,k} (sum_ch g H f_V(x_pk) dq_pk) (tau_k d_p, 1)^T   (B, 3, 4)
+//
+// (gradients and Hessians w.r.t. x, in mm; dq the index-space velocity along dM). These are the
+// primitives of prostlab/projector/backends/torch_backend.py, whose docstring states the same
+// maths; prostlab/projector/autograd.py composes them into a twice-differentiable projection.
+//
+// Launch: one thread per (batch item, ray), grid (ceil(P / blockDim.x), B), blockDim.x a
+// multiple of 32. Each thread walks its ray's clipped samples, generating the positions on the
+// fly; nothing of size P x K is stored. Volume gradients are scattered with atomicAdd; pose
+// gradients are summed per ray in registers, then over the warp (shuffles), then added with one
+// atomicAdd per entry per warp. gvol and gM must be zeroed before the launch; out need not be.
+// A ray whose geometry (M or d) is not finite has no samples and NaN outputs (images, gM).
+//
+// Kernel names: prost_<primitive>_<f32|f64>; all take the same parameter list (PROST_PARAMS).
+
+#include "prost_common.cuh"
+
+namespace prost {
+
+// Channels whose sums a thread keeps in registers at once (forward and jvp).
+constexpr int kChannelTile = 4;
+
+template <typename T>
+__device__ __forceinline__ void forward_body(const Launch<T>& L) {
+  const int b = blockIdx.y;
+  const int p = blockIdx.x * blockDim.x + threadIdx.x;
+  if (p >= L.P) return;
+  const Ray<T> ray = make_ray(L, b, p);
+  for (int c0 = 0; c0 < L.C; c0 += kChannelTile) {
+    T acc[kChannelTile] = {};
+    for (int k = 0; k < ray.count; ++k) {
+      const T tau = T(ray.k_first + k) * L.step;
+      const Cell<T> cell(ray, tau, L);
+      const Weights<T> wt(cell.f);
+#pragma unroll
+      for (int j = 0; j < kChannelTile; ++j) {
+        if (c0 + j >= L.C) break;
+        T v[8];
+        cell.gather(L.vol + L.channel_offset(b, c0 + j), v);
+        acc[j] += wt.value(v);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kChannelTile; ++j) {
+      if (c0 + j >= L.C) break;
+      L.out[L.image_index(b, c0 + j, p)] = acc[j] * L.step + ray.poison;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void jvp_body(const Launch<T>& L) {
+  const int b = blockIdx.y;
+  const int p = blockIdx.x * blockDim.x + threadIdx.x;
+  if (p >= L.P) return;
+  const Ray<T> ray = make_ray(L, b, p);
+  const Velocity<T> vel(L.dM + 12 * (long long)b, ray.d);
+  for (int c0 = 0; c0 < L.C; c0 += kChannelTile) {
+    T acc[kChannelTile] = {};
+    for (int k = 0; k < ray.count; ++k) {
+      const T tau = T(ray.k_first + k) * L.step;
+      const Cell<T> cell(ray, tau, L);
+      const Weights<T> wt(cell.f);
+      T dq[3];
+      vel.at(tau, L.inv_s, dq);
+#pragma unroll
+      for (int j = 0; j < kChannelTile; ++j) {
+        if (c0 + j >= L.C) break;
+        T v[8], grad[3];
+        cell.gather(L.vol + L.channel_offset(b, c0 + j), v);
+        wt.gradient(v, grad);
+        acc[j] += grad[0] * dq[0] + grad[1] * dq[1] + grad[2] * dq[2];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kChannelTile; ++j) {
+      if (c0 + j >= L.C) break;
+      L.out[L.image_index(b, c0 + j, p)] = acc[j] * L.step + ray.poison;
+    }
+  }
+}
+
+// vjp (second_order = false) and jvp_vjp (second_order = true) share one walk: per sample,
+// scatter into gvol and accumulate the sample-position gradient gx for gM.
+template <typename T, bool second_order>
+__device__ __forceinline__ void vjp_body(const Launch<T>& L) {
+  const int b = blockIdx.y;
+  const int p = blockIdx.x * blockDim.x + threadIdx.x;
+  T S0[3] = {}, S1[3] = {};  // sum_k gx_k, sum_k tau_k gx_k
+  T d[3] = {};
+  if (p < L.P) {  // no early return: every lane takes part in the warp sum below
+    const Ray<T> ray = make_ray(L, b, p);
+#pragma unroll
+    for (int a = 0; a < 3; ++a) d[a] = ray.d[a];
+#pragma unroll
+    for (int a = 0; a < 3; ++a) S0[a] = S1[a] = ray.poison;  // non-finite geometry: NaN gM
+    const Velocity<T> vel(second_order ? L.dM + 12 * (long long)b : L.M, ray.d);
+    for (int k = 0; k < ray.count; ++k) {
+      const T tau = T(ray.k_first + k) * L.step;
+      const Cell<T> cell(ray, tau, L);
+      const Weights<T> wt(cell.f);
+      T dq[3] = {};
+      if (second_order) vel.at(tau, L.inv_s, dq);
+      T mixed[8] = {};  // sum_ch s g_ch V_ch at each corner
+      for (int ch = 0; ch < L.C; ++ch) {
+        const T gs = L.g[L.image_index(b, ch, p)] * L.step;
+        const long long offset = L.channel_offset(b, ch);
+        if (L.need_vol) {
+          T coeff[8];
+#pragma unroll
+          for (int n = 0; n < 8; ++n)
+            coeff[n] = gs * (second_order ? wt.weight_rate(n, dq) : wt.weight(n));
+          cell.scatter(L.gvol + offset, coeff);
+        }
+        if (L.need_M) {
+          T v[8];
+          cell.gather(L.vol + offset, v);
+#pragma unroll
+          for (int n = 0; n < 8; ++n) mixed[n] += gs * v[n];
+        }
+      }
+      if (L.need_M) {
+        T gq[3];
+        if (second_order) {
+          wt.hessian_times(mixed, dq, gq);
+        } else {
+          wt.gradient(mixed, gq);
+        }
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+          const T gx = gq[a] * L.inv_s[a];
+          S0[a] += gx;
+          S1[a] += tau * gx;
+        }
+      }
+    }
+  }
+  if (L.need_M) add_pose_gradient(L.gM + 12 * (long long)b, S0, S1, d);
+}
+
+}  // namespace prost
+
+// ------------------------------------------------------------------------------ extern "C" API
+
+#define PROST_PARAMS(T)                                                                     \
+  const T *__restrict__ vol, const T *__restrict__ M, const T *__restrict__ dM,             \
+      const T *__restrict__ dirs, const T *__restrict__ lengths, const T *__restrict__ g,   \
+      T *__restrict__ out, T *__restrict__ gvol, T *__restrict__ gM, int B, int P, int C,   \
+      int vol_batched, int D, int H, int W, T inv_s0, T inv_s1, T inv_s2, T h0, T h1, T h2, \
+      T step, int need_vol, int need_M
+
+#define PROST_LAUNCH(T)                                                           \
+  prost::Launch<T> {                                                              \
+    vol, M, dM, dirs, lengths, g, out, gvol, gM, B, P, C, vol_batched, {D, H, W}, \
+        {inv_s0, inv_s1, inv_s2}, {h0, h1, h2}, step, need_vol, need_M           \
+  }
+
+#define PROST_KERNEL(name, T, ...)                                            \
+  extern "C" __global__ void __launch_bounds__(128) name(PROST_PARAMS(T)) {   \
+    __VA_ARGS__(PROST_LAUNCH(T));                                              \
+  }                                                                            \
+  PROST_HOST_EXPORT(name)
+
+PROST_KERNEL(prost_forward_f32, float, prost::forward_body<float>)
+PROST_KERNEL(prost_forward_f64, double, prost::forward_body<double>)
+PROST_KERNEL(prost_jvp_f32, float, prost::jvp_body<float>)
+PROST_KERNEL(prost_jvp_f64, double, prost::jvp_body<double>)
+PROST_KERNEL(prost_vjp_f32, float, prost::vjp_body<float, false>)
+PROST_KERNEL(prost_vjp_f64, double, prost::vjp_body<double, false>)
+PROST_KERNEL(prost_jvp_vjp_f32, float, prost::vjp_body<float, true>)
+PROST_KERNEL(prost_jvp_vjp_f64, double, prost::vjp_body<double, true>)

@@ -1,0 +1,237 @@
+"""The CUDA projector backend: the fused ray-marching kernels of ``kernels/prost.cu``, via CuPy.
+
+The four primitives are those of :mod:`~prostlab.projector.backends.torch_backend` (same maths,
+same signatures, same results to rounding): with ``f_V`` the zero-padded trilinear interpolant of
+the volume, ``x_pk = M (tau_k d_p, 1)`` the sample positions and ``s`` the step,
+
+* ``forward``: ``I_p = s sum_k f_V(x_pk)``, shape (B, C, P);
+* ``vjp``: the gradients of ``<g, I>`` w.r.t. the volume (Bv, C, D, H, W) and ``M`` (B, 3, 4);
+* ``jvp``: the derivative of ``I`` along a tangent ``dM`` (B, 3, 4), shape (B, C, P);
+* ``jvp_vjp``: the gradients of ``<g, jvp(V, M, dM)>`` w.r.t. the volume and ``M``.
+
+Each is one kernel launch, one thread per (batch item, ray), with sample positions generated on
+the fly (docs/cuda.md). Tensors stay torch tensors: CuPy sees them zero-copy through DLPack, and
+the kernels run on torch's current stream of the tensors' device.
+
+:class:`KernelBackend` holds everything but the launch itself, so that the host emulation
+(:mod:`~prostlab.projector.backends.host_emulation`) runs the same argument packing, through the
+same kernel sources compiled for the CPU. CuPy is imported only when a kernel is launched.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+import re
+import threading
+
+import torch
+
+from prostlab.errors import ProstlabError
+from prostlab.projector.rays import RayBundle
+
+BLOCK = 128
+"""Threads per block (a multiple of the warp size; prost.cu's ``__launch_bounds__``)."""
+
+_MAX_GRID_Y = 65535
+_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_./]+)"\s*$', re.MULTILINE)
+
+
+def kernel_source(name: str = "prost.cu") -> str:
+    """The text of ``kernels/<name>`` with its local ``#include "..."`` lines inlined.
+
+    Inlining lets NVRTC compile it without an include path, wherever the package is installed.
+    """
+    root = importlib.resources.files("prostlab.kernels")
+
+    def expand(match: re.Match) -> str:
+        return root.joinpath(match.group(1)).read_text(encoding="utf-8")
+
+    return _INCLUDE.sub(expand, root.joinpath(name).read_text(encoding="utf-8"))
+
+
+class KernelBackend:
+    """The four primitives on top of an abstract ``_launch`` of one of prost.cu's kernels.
+
+    Every kernel takes the same parameter list (``PROST_PARAMS`` in prost.cu), built by
+    :meth:`_arguments` as ``(kind, value)`` pairs: ``("ptr", tensor or None)``, ``("int", n)``
+    or ``("real", x)`` (in the tensors' dtype).
+    """
+
+    name = "kernels"
+
+    # ----------------------------------------------------------------------------- primitives
+    def forward(self, rays: RayBundle, vol: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """Line integrals ``(B, C, P)`` of ``vol`` (Bv, C, D, H, W) along the rays of ``M``."""
+        out = vol.new_empty(M.shape[0], vol.shape[1], rays.directions.shape[0])
+        self._run("forward", rays, vol, M, out=out)
+        return out
+
+    def vjp(self, rays, vol, M, g, need_vol: bool = True, need_M: bool = True):
+        """Gradients of ``<g, forward(vol, M)>`` w.r.t. ``vol`` and ``M`` (None where not needed)."""
+        gvol = _zeros(vol) if need_vol else None
+        gM = _zeros(M) if need_M else None
+        if need_vol or need_M:
+            self._run("vjp", rays, vol, M, g=g, gvol=gvol, gM=gM)
+        return gvol, gM
+
+    def jvp(self, rays, vol, M, dM):
+        """Derivative ``(B, C, P)`` of ``forward(vol, M)`` along the tangent ``dM`` (B, 3, 4)."""
+        out = vol.new_empty(M.shape[0], vol.shape[1], rays.directions.shape[0])
+        self._run("jvp", rays, vol, M, dM=dM, out=out)
+        return out
+
+    def jvp_vjp(self, rays, vol, M, dM, g, need_vol: bool = True, need_M: bool = True):
+        """Gradients of ``<g, jvp(vol, M, dM)>`` w.r.t. ``vol`` and ``M``."""
+        gvol = _zeros(vol) if need_vol else None
+        gM = _zeros(M) if need_M else None
+        if need_vol or need_M:
+            self._run("jvp_vjp", rays, vol, M, dM=dM, g=g, gvol=gvol, gM=gM)
+        return gvol, gM
+
+    # ------------------------------------------------------------------------------- launching
+    def _run(self, primitive, rays, vol, M, dM=None, g=None, out=None, gvol=None, gM=None):
+        vol, M, dM, g = (_prepared(t) for t in (vol, M, dM, g))
+        _check(rays, vol, M, dM, g)
+        batch, n_rays = M.shape[0], rays.directions.shape[0]
+        if batch == 0 or n_rays == 0 or vol.shape[1] == 0:
+            if out is not None:
+                out.zero_()
+            return
+        if batch > _MAX_GRID_Y:
+            raise ProstlabError(f"pose batch: expected at most {_MAX_GRID_Y} poses, got {batch}")
+        suffix = {torch.float32: "f32", torch.float64: "f64"}[vol.dtype]
+        grid = (math.ceil(n_rays / BLOCK), batch, 1)
+        args = self._arguments(rays, vol, M, dM, g, out, gvol, gM)
+        self._launch(f"prost_{primitive}_{suffix}", grid, (BLOCK, 1, 1), args, vol)
+
+    @staticmethod
+    def _arguments(rays, vol, M, dM, g, out, gvol, gM):
+        """The kernels' common parameter list (prost.cu, ``PROST_PARAMS``)."""
+        dirs = rays.directions.to(vol.dtype).contiguous()
+        lengths = rays.lengths.to(vol.dtype).contiguous()
+        pointers = (vol, M, dM, dirs, lengths, g, out, gvol, gM)
+        ints = (
+            M.shape[0], dirs.shape[0], vol.shape[1], int(vol.shape[0] > 1), *rays.grid,
+        )
+        reals = (*(1.0 / s for s in rays.spacing), *rays.half_support, rays.step)
+        flags = (int(gvol is not None), int(gM is not None))
+        return (
+            [("ptr", t) for t in pointers]
+            + [("int", int(n)) for n in ints]
+            + [("real", float(x)) for x in reals]
+            + [("int", f) for f in flags]
+        )
+
+    def _launch(self, kernel: str, grid, block, args, like: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+def _zeros(like: torch.Tensor) -> torch.Tensor:
+    """A contiguous zero tensor shaped like ``like`` (the kernels accumulate into it)."""
+    return torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+
+
+def _prepared(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` detached and contiguous (DLPack refuses tensors that require grad)."""
+    if t is None:
+        return None
+    return t.detach().contiguous()
+
+
+def _check(rays: RayBundle, vol, M, dM, g) -> None:
+    """Shapes, dtypes and devices the kernels rely on, with errors that name what was expected."""
+    if vol.dim() != 5:
+        raise ProstlabError(f"volume: expected shape (Bv, C, D, H, W), got {tuple(vol.shape)}")
+    if vol.dtype not in (torch.float32, torch.float64):
+        raise ProstlabError(f"volume: expected float32 or float64, got {vol.dtype}")
+    if tuple(vol.shape[2:]) != tuple(rays.grid):
+        raise ProstlabError(
+            f"volume: grid {tuple(vol.shape[2:])} does not match the rays' grid {rays.grid}"
+        )
+    if math.prod(rays.grid) >= 2**31:
+        raise ProstlabError(f"volume: expected fewer than 2^31 voxels per channel, got {rays.grid}")
+    batch = M.shape[0]
+    if M.dim() != 3 or tuple(M.shape[1:]) != (3, 4):
+        raise ProstlabError(f"M: expected shape (B, 3, 4), got {tuple(M.shape)}")
+    if vol.shape[0] not in (1, batch):
+        raise ProstlabError(f"volume: batch of {vol.shape[0]} for {batch} poses (expected 1 or B)")
+    if dM is not None and dM.shape != M.shape:
+        raise ProstlabError(f"dM: expected shape {tuple(M.shape)}, got {tuple(dM.shape)}")
+    image = (batch, vol.shape[1], rays.directions.shape[0])
+    if g is not None and tuple(g.shape) != image:
+        raise ProstlabError(f"g: expected shape {image}, got {tuple(g.shape)}")
+    for name, t in (("M", M), ("dM", dM), ("g", g)):
+        if t is not None and (t.dtype != vol.dtype or t.device != vol.device):
+            raise ProstlabError(
+                f"{name}: expected {vol.dtype} on {vol.device} like the volume, "
+                f"got {t.dtype} on {t.device}"
+            )
+    if rays.directions.device != vol.device:
+        raise ProstlabError(
+            f"rays: expected directions on {vol.device}, got {rays.directions.device}"
+        )
+
+
+class CupyBackend(KernelBackend):
+    """prost.cu's kernels compiled by NVRTC (CuPy ``RawModule``) and run on CUDA tensors.
+
+    Modules are compiled lazily, once per (device index, compile options) and process; CuPy's
+    own disk cache keeps the binaries between processes. float32 and float64 have their own
+    kernels in the module (``prost_<primitive>_f32 | _f64``).
+
+    Args:
+        options: NVRTC options. No fast-math by default: the images must match the torch backend
+            to 1e-4 in float32.
+    """
+
+    name = "cupy"
+    _modules: dict = {}  # (device index, options) -> cupy.RawModule, shared by all instances
+    _functions: dict = {}  # (device index, options, kernel name) -> cupy.RawKernel
+    _lock = threading.Lock()
+
+    def __init__(self, options: tuple[str, ...] = ("--std=c++17",)):
+        self.options = tuple(options)
+
+    def _function(self, kernel: str, device_index: int):
+        """Kernel ``kernel`` (its name says the dtype) for ``device_index``; compiles on first use.
+
+        Call with ``device_index`` the current CuPy device.
+        """
+        import cupy
+
+        key = (device_index, self.options, kernel)
+        with self._lock:
+            function = self._functions.get(key)
+            if function is None:
+                module = self._modules.get(key[:2])
+                if module is None:
+                    module = cupy.RawModule(code=kernel_source(), options=self.options)
+                    self._modules[key[:2]] = module
+                function = self._functions[key] = module.get_function(kernel)
+        return function
+
+    def _launch(self, kernel, grid, block, args, like):
+        if like.device.type != "cuda":
+            raise ProstlabError(f"backend='cupy' needs CUDA tensors; got tensors on {like.device}")
+        try:
+            import cupy
+        except ImportError as error:
+            raise ProstlabError("backend='cupy' needs CuPy: pip install 'prostlab[gpu]'") from error
+        import numpy
+
+        index = like.device.index if like.device.index is not None else torch.cuda.current_device()
+        real = numpy.float32 if like.dtype == torch.float32 else numpy.float64
+        with cupy.cuda.Device(index):
+            function = self._function(kernel, index)
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(like.device).cuda_stream)
+            with stream:
+                values = []
+                for kind, value in args:
+                    if kind == "ptr":
+                        values.append(None if value is None else cupy.from_dlpack(value))
+                    elif kind == "int":
+                        values.append(numpy.int32(value))
+                    else:
+                        values.append(real(value))
+                function(grid, block, tuple(values), stream=stream)

@@ -1,0 +1,133 @@
+"""The CUDA kernels' arithmetic on the CPU: prost.cu compiled as C++ with an emulation header.
+
+``kernels/emulation/cuda_host.h`` turns the kernel sources into plain C++ (a launch becomes loops
+over blocks and threads, ``atomicAdd`` a plain add, the warp one thread wide), so that g++ builds
+a shared library from the very ``.cu`` files that CuPy compiles for the GPU. The
+:class:`HostKernelBackend` calls it through ``ctypes`` with the same argument list as
+:class:`~prostlab.projector.backends.cupy_backend.CupyBackend`, on CPU tensors, which lets the
+tests compare the kernels with the torch backend, and run gradcheck / gradgradcheck through them,
+on a machine without a GPU. It is slow (one thread at a time) and meant for tests and checks.
+
+The library is cached under ``$PROSTLAB_CACHE`` (default ``~/.cache/prostlab``), keyed by a hash of
+the sources and the compiler command.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.resources
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from prostlab.errors import ProstlabError
+from prostlab.projector.backends.cupy_backend import KernelBackend
+
+SOURCES = ("prost.cu", "prost_common.cuh", "emulation/cuda_host.h")
+"""The kernel files the host library is built from (relative to ``prostlab.kernels``)."""
+
+CXXFLAGS = (
+    "-x", "c++", "-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off",
+    "-Wall", "-Wextra", "-Wno-unknown-pragmas",
+)
+"""g++ flags: no FMA contraction, so that the host arithmetic rounds like the torch reference."""
+
+_lock = threading.Lock()
+_libraries: dict[Path, ctypes.CDLL] = {}
+
+
+def cache_dir() -> Path:
+    """Where built libraries go: ``$PROSTLAB_CACHE``, else ``$XDG_CACHE_HOME/prostlab``."""
+    if os.environ.get("PROSTLAB_CACHE"):
+        return Path(os.environ["PROSTLAB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "prostlab"
+
+
+def compiler() -> str | None:
+    """The C++ compiler to use (``$CXX``, else g++ or c++ on the PATH), or None."""
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def build_host_library(directory: Path | None = None) -> Path:
+    """Compile prost.cu for the host (once per source hash) and return the library's path.
+
+    Raises:
+        ProstlabError: no C++ compiler, or the sources do not compile (with the compiler's log).
+    """
+    cxx = compiler()
+    if cxx is None:
+        raise ProstlabError("host emulation: expected a C++ compiler (g++ or $CXX) on the PATH")
+    root = importlib.resources.files("prostlab.kernels")
+    with importlib.resources.as_file(root) as kernels:
+        kernels = Path(kernels)
+        digest = hashlib.sha256(" ".join((cxx, *CXXFLAGS)).encode())
+        for name in SOURCES:
+            digest.update((kernels / name).read_bytes())
+        directory = Path(directory) if directory is not None else cache_dir()
+        library = directory / f"prost_host_{digest.hexdigest()[:16]}.so"
+        if library.is_file():
+            return library
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+        os.close(fd)
+        command = [cxx, *CXXFLAGS, "-include", str(kernels / "emulation" / "cuda_host.h"),
+                   str(kernels / "prost.cu"), "-o", partial]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            os.unlink(partial)
+            raise ProstlabError(
+                f"host emulation: {' '.join(command)} failed:\n{result.stderr.strip()}"
+            )
+        os.replace(partial, library)  # atomic: concurrent builders agree on the result
+    return library
+
+
+def load_host_library(directory: Path | None = None) -> ctypes.CDLL:
+    """The host library, built if needed and loaded once per process."""
+    path = build_host_library(directory)
+    with _lock:
+        if path not in _libraries:
+            _libraries[path] = ctypes.CDLL(str(path))
+        return _libraries[path]
+
+
+class HostKernelBackend(KernelBackend):
+    """The four primitives computed by prost.cu's kernels emulated on the CPU (CPU tensors).
+
+    Same arguments, shapes and results as the CUDA backend; summation orders differ (the
+    emulation adds pose gradients ray by ray, the GPU warp by warp), so results agree to
+    rounding, not bit for bit.
+    """
+
+    name = "host"
+
+    def __init__(self, directory: Path | None = None):
+        self._library = load_host_library(directory)
+
+    def _launch(self, kernel, grid, block, args, like):
+        if like.device.type != "cpu":
+            raise ProstlabError(f"host emulation: expected CPU tensors, got {like.device}")
+        real = ctypes.c_float if like.dtype == torch.float32 else ctypes.c_double
+        values = []
+        for kind, value in args:
+            if kind == "ptr":
+                values.append(ctypes.c_void_p(None if value is None else value.data_ptr()))
+            elif kind == "int":
+                values.append(ctypes.c_int(value))
+            else:
+                values.append(real(value))
+        pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+        entry = getattr(self._library, f"{kernel}_host")
+        entry.restype = None
+        entry.argtypes = [ctypes.c_uint] * 6 + [ctypes.POINTER(ctypes.c_void_p)]
+        entry(*grid, *block, pointers)
