@@ -1,0 +1,264 @@
+"""The learned similarity ("Net" of ProST): lift the bone volume, project it, embed, compare.
+
+::
+
+    bone mu (B|1, 1, D, H, W) --lift--> (B|1, 1 + Cv, D, H, W) --Projector at pose--> (B, 1 + Cv, h, w)
+                                                                                   --encoder_p--> e_p (B, E)
+    target X-ray (B|1, 1, h, w) --min-max--> [0, 1] --encoder_t--> e_t (B|1, E)
+
+    similarity = |e_p - e_t|^2                                                          (B,)
+
+**Lift (3D CNN).** ``volume_depth`` 3 x 3 x 3 convolutions (``volume_hidden`` channels between
+them, the activation after all but the last) map ``mu / mu_scale`` to ``Cv = volume_channels``
+maps ``z``. Each learned channel is the bone's attenuation re-weighted,
+
+    f_c = mu * softplus(z_c),
+
+and the input ``mu`` is kept as channel 0, so the projection has ``1 + Cv`` channels. The gating
+by ``mu`` keeps every channel a non-negative attenuation supported on the bone: air adds nothing
+(an ungated CNN with biases would fill the whole box with a constant and its projection would
+show the volume's outline, not the anatomy); each projected channel is a line integral on the
+bone DRR's scale (softplus(0) = log 2), so no normalisation is needed before the encoder; and the
+image still fades out smoothly as bone leaves the field of view. The CNN sees ``mu / mu_scale``
+(``mu_scale`` = mu of water by default), so its input is of order 1.
+
+**Encoders.** Two 2D encoders of the same shape and separate weights: for each entry ``c`` of
+``encoder_channels`` a 3 x 3 convolution of stride 2 into ``c`` channels and the activation;
+then adaptive average pooling to ``pool_size x pool_size`` (coarse layout is kept, because the
+similarity must see where things are, and any detector size is accepted), flattening and a
+linear map to ``embedding_dim``. The projection encoder reads ``1 + Cv`` channels, the target
+encoder 1. The target is min-max normalised per image first (a flat image becomes zeros).
+
+**Smoothness.** Training fits the similarity's gradient with respect to the pose and
+registration follows it, so the default activation is SiLU, which keeps that gradient continuous
+in the pose; ReLU-like activations make it jump at every kink. Every operation (convolution,
+softplus, SiLU, average pooling, the projector) supports double backward; there is no
+grid_sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prostlab.errors import ProstlabError
+from prostlab.geometry import Camera
+from prostlab.projector import Projector
+
+__all__ = ["ACTIVATIONS", "ConvexSimilarityNet", "minmax_normalise"]
+
+ACTIVATIONS = {
+    "silu": nn.SiLU,
+    "softplus": nn.Softplus,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+    "relu": nn.ReLU,
+}
+"""The activations the network may be built with, by name."""
+
+MU_WATER = 0.02683
+"""Default attenuation unit of the lifting CNN's input, 1/mm (mu of water at ~60 keV, as ProST)."""
+
+
+def minmax_normalise(image: Tensor) -> Tensor:
+    """Map each image of ``(B, C, H, W)`` (each channel separately) to ``[0, 1]``.
+
+    ``(x - min) / (max - min)``; an image with ``max == min`` becomes zeros.
+    """
+    low = image.amin(dim=(-2, -1), keepdim=True)
+    high = image.amax(dim=(-2, -1), keepdim=True)
+    span = high - low
+    positive = span > 0
+    return torch.where(positive, (image - low) / torch.where(positive, span, 1.0), 0.0)
+
+
+def _positive_int(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ProstlabError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _encoder(
+    in_channels: int, channels: Sequence[int], pool: int, dim: int, act: type[nn.Module]
+) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, kernel_size=3, stride=2, padding=1), act()]
+        c_in = c
+    layers += [nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(c_in * pool * pool, dim)]
+    return nn.Sequential(*layers)
+
+
+class ConvexSimilarityNet(nn.Module):
+    """ProST's learned similarity: ``|encoder_p(P(lift(bone), pose)) - encoder_t(target)|^2``.
+
+    See the module docstring for the architecture and the reasons for it. Lower is better; the
+    value is ``>= 0`` and 0 exactly when the two embeddings agree.
+
+    Args:
+        projector: the :class:`~prostlab.projector.Projector` that renders the lifted volume,
+            or a :class:`~prostlab.geometry.Camera` to build one with ``step`` and ``backend``.
+        volume_channels: ``Cv >= 1``, learned 3D channels (the projection has ``1 + Cv``).
+        volume_depth: number of 3D convolutions, ``>= 1``.
+        volume_hidden: channels between the 3D convolutions.
+        encoder_channels: output channels of the stride-2 2D convolutions of each encoder.
+        embedding_dim: length ``E`` of the embeddings.
+        pool_size: side of the pooled feature map before the linear layer.
+        activation: one of :data:`ACTIVATIONS`.
+        mu_scale: attenuation unit of the lifting CNN's input, 1/mm.
+        step: sampling step of a projector built from a camera, mm.
+        backend: backend of a projector built from a camera.
+    """
+
+    def __init__(
+        self,
+        projector: Projector | Camera,
+        *,
+        volume_channels: int = 2,
+        volume_depth: int = 3,
+        volume_hidden: int = 8,
+        encoder_channels: Sequence[int] = (16, 32, 64),
+        embedding_dim: int = 64,
+        pool_size: int = 4,
+        activation: str = "silu",
+        mu_scale: float = MU_WATER,
+        step: float = 1.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if isinstance(projector, Camera):
+            projector = Projector(projector, step=step, backend=backend)
+        if not isinstance(projector, Projector):
+            raise ProstlabError(
+                "projector: expected a prostlab Projector or a Camera, got "
+                f"{type(projector).__name__}"
+            )
+        volume_channels = _positive_int(volume_channels, "volume_channels")
+        volume_depth = _positive_int(volume_depth, "volume_depth")
+        volume_hidden = _positive_int(volume_hidden, "volume_hidden")
+        embedding_dim = _positive_int(embedding_dim, "embedding_dim")
+        pool_size = _positive_int(pool_size, "pool_size")
+        if isinstance(encoder_channels, (str, bytes)) or not isinstance(encoder_channels, Sequence):
+            raise ProstlabError(
+                f"encoder_channels: expected a list of positive integers, got {encoder_channels!r}"
+            )
+        encoder_channels = [
+            _positive_int(c, f"encoder_channels[{i}]") for i, c in enumerate(encoder_channels)
+        ]
+        if activation not in ACTIVATIONS:
+            raise ProstlabError(
+                f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}"
+            )
+        if not (isinstance(mu_scale, (int, float)) and mu_scale > 0):
+            raise ProstlabError(f"mu_scale: expected a positive number (1/mm), got {mu_scale!r}")
+        act = ACTIVATIONS[activation]
+
+        self.projector = projector
+        self.volume_channels = volume_channels
+        self.mu_scale = float(mu_scale)
+
+        layers: list[nn.Module] = []
+        c_in = 1
+        for _ in range(volume_depth - 1):
+            layers += [nn.Conv3d(c_in, volume_hidden, kernel_size=3, padding=1), act()]
+            c_in = volume_hidden
+        layers.append(nn.Conv3d(c_in, volume_channels, kernel_size=3, padding=1))
+        self.lifter = nn.Sequential(*layers)
+        self.projection_encoder = _encoder(
+            1 + volume_channels, encoder_channels, pool_size, embedding_dim, act
+        )
+        self.target_encoder = _encoder(1, encoder_channels, pool_size, embedding_dim, act)
+
+    @property
+    def camera(self) -> Camera:
+        """The camera whose detector the projection and the target share."""
+        return self.projector.camera
+
+    # ------------------------------------------------------------------------------ stages
+
+    def lift(self, bone_volume: Tensor) -> Tensor:
+        """``(B|1, 1, D, H, W)`` bone mu -> ``(B|1, 1 + Cv, D, H, W)``: ``mu`` and ``mu softplus(z)``.
+
+        It does not depend on the pose: registration computes it once.
+        """
+        self._check_bone(bone_volume)
+        z = self.lifter(bone_volume / self.mu_scale)
+        return torch.cat((bone_volume, bone_volume * F.softplus(z)), dim=1)
+
+    def render(self, lifted: Tensor, spacing: Sequence[float], pose: Tensor) -> Tensor:
+        """Project a lifted volume at ``pose`` (B, 6): ``(B, 1 + Cv, h, w)``."""
+        return self.projector(lifted, spacing, pose)
+
+    def embed_projection(self, projection: Tensor) -> Tensor:
+        """Embed ``(B, 1 + Cv, h, w)`` projections: ``(B, E)``."""
+        return self.projection_encoder(projection)
+
+    def embed_pose(self, bone_volume: Tensor, spacing: Sequence[float], pose: Tensor) -> Tensor:
+        """The embedding of the bone volume seen at ``pose`` (B, 6): ``(B, E)``."""
+        return self.embed_projection(self.render(self.lift(bone_volume), spacing, pose))
+
+    def embed_target(self, target: Tensor) -> Tensor:
+        """Embed ``(B|1, 1, h, w)`` target X-rays (min-max normalised here): ``(B|1, E)``."""
+        self._check_target(target)
+        return self.target_encoder(minmax_normalise(target))
+
+    @staticmethod
+    def distance(embedding: Tensor, target_embedding: Tensor) -> Tensor:
+        """Squared L2 distance of embeddings ``(B|1, E)``: ``(B,)``."""
+        a, b = embedding.shape[0], target_embedding.shape[0]
+        if a != b and 1 not in (a, b):
+            raise ProstlabError(
+                f"target: expected a batch of 1 or {a} (that of the poses), got {b}"
+            )
+        return (embedding - target_embedding).square().sum(dim=1)
+
+    def forward(
+        self, bone_volume: Tensor, spacing: Sequence[float], pose: Tensor, target: Tensor
+    ) -> Tensor:
+        """The similarity ``(B,)`` of the bone volume at ``pose`` (B, 6) to ``target``.
+
+        Args:
+            bone_volume: ``(B | 1, 1, D, H, W)`` segmented CT, attenuation in 1/mm.
+            spacing: voxel size in mm, array-axis order.
+            pose: ``(B, 6)`` poses (rad, mm).
+            target: ``(B | 1, 1, h, w)`` X-rays on the camera's detector, any intensity scale.
+
+        Returns:
+            ``(B,)``, ``>= 0``, lower is better.
+        """
+        return self.distance(self.embed_pose(bone_volume, spacing, pose), self.embed_target(target))
+
+    @staticmethod
+    def _check_bone(bone_volume: object) -> None:
+        if not isinstance(bone_volume, Tensor) or bone_volume.ndim != 5:
+            got = (
+                tuple(bone_volume.shape)
+                if isinstance(bone_volume, Tensor)
+                else type(bone_volume).__name__
+            )
+            raise ProstlabError(
+                f"bone_volume: expected a tensor of shape (B | 1, 1, D, H, W), got {got}"
+            )
+        if bone_volume.shape[1] != 1 or not bone_volume.is_floating_point():
+            raise ProstlabError(
+                "bone_volume: expected one floating-point channel of bone attenuation, "
+                f"(B | 1, 1, D, H, W), got shape {tuple(bone_volume.shape)}, {bone_volume.dtype}"
+            )
+
+    def _check_target(self, target: object) -> None:
+        camera = self.camera
+        form = f"(B | 1, 1, {camera.height}, {camera.width})"
+        if not isinstance(target, Tensor) or target.ndim != 4:
+            got = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
+            raise ProstlabError(f"target: expected an X-ray tensor of shape {form}, got {got}")
+        if target.shape[1] != 1 or tuple(target.shape[2:]) != (camera.height, camera.width):
+            raise ProstlabError(
+                f"target: expected shape {form} (one channel on the camera's detector), got "
+                f"{tuple(target.shape)}"
+            )
+        if not target.is_floating_point():
+            raise ProstlabError(f"target: expected a floating-point tensor, got {target.dtype}")

@@ -1,0 +1,354 @@
+"""The convex similarity network, its pose objective and ProST's geodesic-gradient training loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prostlab.errors import ProstlabError
+from prostlab.geometry import Camera, geodesic_distance, geodesic_gradient, perturb
+from prostlab.projector import Projector
+from prostlab.similarity import (
+    ConvexSimilarityNet,
+    NetObjective,
+    direction_loss,
+    geodesic_gradient_loss,
+    make_objective,
+    minmax_normalise,
+    pose_gradient,
+    unit,
+)
+
+SMALL = dict(
+    volume_channels=2,
+    volume_depth=2,
+    volume_hidden=4,
+    encoder_channels=[4, 8],
+    embedding_dim=8,
+    pool_size=2,
+)
+
+
+@pytest.fixture(scope="module")
+def case():
+    """The bundled example at 16^3 (spacing x 8), a 16 x 16 detector, a target at gt."""
+    from prostlab.data import example_path, load_prepared
+
+    prepared = load_prepared(example_path())
+    factor = 8
+    ct = F.avg_pool3d(prepared.ct.batched(), factor)
+    bone = F.avg_pool3d(prepared.bone.batched(), factor)
+    spacing = tuple(s * factor for s in prepared.ct.spacing)
+    camera = Camera(sdd=1020.0, sid=620.0, height=128, width=128, pixel_spacing=(2.92, 2.92))
+    projector = Projector(camera.resized(16, 16), step=0.75 * spacing[0], backend="torch")
+    gt = torch.tensor([[0.02, -0.05, 0.03, 2.0, -3.0, 1.0]])
+    target = projector(ct, spacing, gt)
+    return projector, ct, bone, spacing, gt, target
+
+
+def _net(projector, seed=0, **kw):
+    torch.manual_seed(seed)
+    return ConvexSimilarityNet(projector, **{**SMALL, **kw})
+
+
+def _poses(n, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([0.15, 0.15, 0.15, 15.0, 15.0, 15.0], dtype=dtype)
+    return torch.randn(n, 6, generator=g, dtype=dtype) * scale
+
+
+# ------------------------------------------------------------------------------- the network
+
+
+def test_shapes_and_non_negative(case):
+    projector, _, bone, spacing, _, target = case
+    net = _net(projector)
+    pose = _poses(3)
+    lifted = net.lift(bone)
+    assert lifted.shape == (1, 3, 16, 16, 16)
+    assert torch.equal(lifted[:, :1], bone)  # the input channel is kept
+    assert bool((lifted >= 0).all())
+    air = bone.expand(1, 2, -1, -1, -1) == 0
+    assert bool(air.any()) and bool((lifted[:, 1:][air] == 0).all())  # nothing in air
+    projection = net.render(lifted, spacing, pose)
+    assert projection.shape == (3, 3, 16, 16)
+    assert net.embed_projection(projection).shape == (3, 8)
+    assert net.embed_pose(bone, spacing, pose).shape == (3, 8)
+    assert net.embed_target(target).shape == (1, 8)
+    value = net(bone, spacing, pose, target)
+    assert value.shape == (3,) and bool((value >= 0).all()) and bool(torch.isfinite(value).all())
+    # The pieces compose to the whole; a batch of targets works too.
+    pieces = net.distance(net.embed_pose(bone, spacing, pose), net.embed_target(target))
+    assert torch.allclose(value, pieces)
+    assert net(bone, spacing, pose, target.expand(3, -1, -1, -1)).shape == (3,)
+
+
+def test_zero_when_embeddings_match(case):
+    projector, _, bone, spacing, _, target = case
+    net = _net(projector)
+    e = torch.randn(4, 8)
+    assert torch.equal(net.distance(e, e.clone()), torch.zeros(4))
+    # Make both encoders output their final bias only, the same one: the similarity is 0.
+    with torch.no_grad():
+        for encoder in (net.projection_encoder, net.target_encoder):
+            encoder[-1].weight.zero_()
+            encoder[-1].bias.copy_(torch.arange(8.0))
+    assert torch.equal(net(bone, spacing, _poses(2), target), torch.zeros(2))
+
+
+def test_minmax_normalise():
+    image = torch.tensor([[[[2.0, 4.0], [6.0, 10.0]]], [[[3.0, 3.0], [3.0, 3.0]]]])
+    out = minmax_normalise(image)
+    assert torch.allclose(out[0, 0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
+    assert torch.equal(out[1], torch.zeros(1, 2, 2))
+
+
+def test_architecture_from_arguments(case):
+    projector = case[0]
+    net = ConvexSimilarityNet(
+        projector.camera,
+        volume_channels=3,
+        volume_depth=4,
+        volume_hidden=5,
+        encoder_channels=[2, 3, 4],
+        embedding_dim=7,
+        pool_size=1,
+        activation="leaky_relu",
+        step=3.0,
+        backend="torch",
+    )
+    convs3d = [m for m in net.lifter if isinstance(m, nn.Conv3d)]
+    assert len(convs3d) == 4 and convs3d[0].in_channels == 1 and convs3d[-1].out_channels == 3
+    assert all(c.out_channels == 5 for c in convs3d[:-1])
+    for encoder, c_in in ((net.projection_encoder, 4), (net.target_encoder, 1)):
+        convs = [m for m in encoder if isinstance(m, nn.Conv2d)]
+        assert [c.out_channels for c in convs] == [2, 3, 4] and convs[0].in_channels == c_in
+        assert encoder[-1].out_features == 7 and encoder[-1].in_features == 4
+        assert any(isinstance(m, nn.LeakyReLU) for m in encoder)
+    assert net.projector.step == 3.0 and net.camera == projector.camera
+    assert net.volume_channels == 3
+
+
+def test_bad_arguments(case):
+    projector, _, bone, spacing, _, target = case
+    with pytest.raises(ProstlabError, match="volume_channels: expected an integer >= 1"):
+        ConvexSimilarityNet(projector, volume_channels=0)
+    with pytest.raises(ProstlabError, match="volume_depth"):
+        ConvexSimilarityNet(projector, volume_depth=2.5)
+    with pytest.raises(ProstlabError, match=r"encoder_channels\[1\]"):
+        ConvexSimilarityNet(projector, encoder_channels=[4, -1])
+    with pytest.raises(ProstlabError, match="encoder_channels: expected a list"):
+        ConvexSimilarityNet(projector, encoder_channels=8)
+    with pytest.raises(ProstlabError, match=r"activation: expected one of .*'silu'"):
+        ConvexSimilarityNet(projector, activation="gelu6")
+    with pytest.raises(ProstlabError, match="projector: expected"):
+        ConvexSimilarityNet("camera")
+    net = _net(projector)
+    pose = _poses(2)
+    with pytest.raises(ProstlabError, match=r"target: expected shape \(B \| 1, 1, 16, 16\)"):
+        net(bone, spacing, pose, target[..., :8])
+    with pytest.raises(ProstlabError, match="target: expected a batch of 1 or 2"):
+        net(bone, spacing, pose, target.expand(3, -1, -1, -1))
+    with pytest.raises(ProstlabError, match=r"bone_volume: expected one floating-point channel"):
+        net(bone.expand(1, 2, -1, -1, -1), spacing, pose, target)
+    with pytest.raises(ProstlabError, match=r"bone_volume: expected a tensor of shape"):
+        net(bone[0], spacing, pose, target)
+
+
+def test_double_backward_reaches_every_parameter(case):
+    projector, _, bone, spacing, _, target = case
+    net = _net(projector)
+    params = list(net.parameters())
+    pose = _poses(2)
+    _, g = pose_gradient(lambda p: net(bone, spacing, p, target), pose, create_graph=True)
+    assert g.shape == (2, 6) and g.requires_grad
+    grads = torch.autograd.grad(g.square().sum(), params, allow_unused=True)
+    for (name, _), grad in zip(net.named_parameters(), grads, strict=True):
+        assert grad is not None, name
+        assert bool(torch.isfinite(grad).all()) and grad.abs().sum() > 0, name
+
+
+def test_pose_gradient_matches_finite_differences(case):
+    projector, _, bone, spacing, _, target = case
+    net = _net(projector).double()
+    bone, target = bone.double(), target.double()
+    pose = _poses(1, seed=3, dtype=torch.float64)
+
+    def f(p):
+        return net(bone, spacing, p, target)
+
+    _, g = pose_gradient(f, pose)
+    h = torch.tensor([1e-7] * 3 + [1e-5] * 3, dtype=torch.float64)
+    numeric = torch.zeros(6, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(6):
+            d = torch.zeros(1, 6, dtype=torch.float64)
+            d[0, i] = h[i]
+            numeric[i] = (f(perturb(pose, d)) - f(perturb(pose, -d)))[0] / (2 * h[i])
+    assert torch.allclose(g[0], numeric, rtol=1e-4, atol=1e-6 * numeric.abs().max())
+
+
+# ------------------------------------------------------------------------------- objectives
+
+
+def test_net_objective_matches_the_network(case):
+    projector, _, bone, spacing, _, target = case
+    net = _net(projector)
+    pose = _poses(3)
+    direct = net(bone, spacing, pose, target)
+    cached = NetObjective(net, bone, spacing, target)
+    assert torch.allclose(cached(pose), direct, rtol=1e-5, atol=1e-6)
+    uncached = NetObjective(net, bone, spacing, target, cache=False)
+    assert torch.allclose(uncached(pose), direct, rtol=1e-5, atol=1e-6)
+    # Registration differentiates the cached objective in the pose only.
+    pose.requires_grad_(True)
+    (grad,) = torch.autograd.grad(cached(pose).sum(), pose)
+    assert bool(torch.isfinite(grad).all())
+    built = make_objective(
+        "net", projector=projector, ct=None, bone=bone, spacing=spacing, target=target, net=net
+    )
+    assert isinstance(built, NetObjective) and built.cache
+    assert torch.allclose(built(pose.detach()), direct, rtol=1e-5, atol=1e-6)
+
+
+def test_make_objective_net_errors(case):
+    projector, ct, bone, spacing, _, target = case
+    net = _net(projector)
+    kw = dict(projector=projector, ct=ct, spacing=spacing, target=target)
+    with pytest.raises(ProstlabError, match="net: objective 'net' needs a ConvexSimilarityNet"):
+        make_objective("net", bone=bone, **kw)
+    with pytest.raises(ProstlabError, match="bone: objective 'net' needs"):
+        make_objective("net", bone=None, net=net, **kw)
+    other = Projector(projector.camera.resized(8, 8), step=projector.step)
+    with pytest.raises(ProstlabError, match="net: the network's camera"):
+        make_objective("net", **{**kw, "projector": other}, bone=bone, net=net)
+    with pytest.raises(ProstlabError, match="net: expected a ConvexSimilarityNet"):
+        NetObjective(nn.Identity(), bone, spacing, target)
+
+
+# ---------------------------------------------------------------------------- training loss
+
+
+def test_geodesic_gradient_matches_finite_differences():
+    current, gt = _poses(4, seed=5, dtype=torch.float64), _poses(4, seed=6, dtype=torch.float64)
+    for w_r, w_t in ((1.0, 1.0), (100.0, 0.01)):
+        euclid = geodesic_gradient(current, gt, w_r, w_t)
+        riemann = geodesic_gradient(current, gt, w_r, w_t, riemannian=True)
+        weights = torch.tensor([w_r] * 3 + [w_t] * 3, dtype=torch.float64)
+        assert torch.allclose(riemann * weights, euclid)
+
+        def f(delta, w_r=w_r, w_t=w_t):
+            return geodesic_distance(perturb(current, delta), gt, w_r, w_t, squared=True)
+
+        numeric = torch.zeros(4, 6, dtype=torch.float64)
+        for i in range(6):
+            d = torch.zeros(4, 6, dtype=torch.float64)
+            d[:, i] = 1e-4
+            numeric[:, i] = (f(d) - f(-d)) / 2e-4
+        assert torch.allclose(euclid, numeric, rtol=1e-6, atol=1e-8)
+        # The Riemannian gradient is the metric's dual of the differential: <G, v>_w = df(v).
+        v = _poses(4, seed=7, dtype=torch.float64)
+        dfv = (f(1e-4 * v) - f(-1e-4 * v)) / 2e-4
+        assert torch.allclose((weights * riemann * v).sum(-1), dfv, rtol=1e-6, atol=1e-8)
+        # Autograd with respect to a perturb delta agrees with it (and not w.r.t. omega).
+        _, g = pose_gradient(
+            lambda p, w_r=w_r, w_t=w_t: geodesic_distance(p, gt, w_r, w_t, squared=True), current
+        )
+        assert torch.allclose(g, euclid, rtol=1e-8, atol=1e-10)
+
+
+def test_loss_is_zero_for_the_geodesic_itself_and_eight_against_it():
+    current, gt = _poses(5, seed=8, dtype=torch.float64), _poses(5, seed=9, dtype=torch.float64)
+
+    def geodesic(pose):
+        return geodesic_distance(pose, gt, 2.0, 0.5, squared=True)
+
+    loss = geodesic_gradient_loss(geodesic, current, gt, 1.0, 1.0, reduction="none")
+    assert loss.shape == (5,) and torch.allclose(loss, torch.zeros(5, dtype=loss.dtype), atol=1e-12)
+    # Independent of positive weights: each part is normalised separately.
+    assert geodesic_gradient_loss(geodesic, current, gt, 30.0, 0.01).item() < 1e-12
+    # Pointing the wrong way costs |2u|^2 = 4 per part.
+    anti = geodesic_gradient_loss(lambda p: -geodesic(p), current, gt, reduction="sum")
+    assert anti.item() == pytest.approx(5 * 8.0, rel=1e-9)
+    # An exact part has no direction and is left out, whatever the network's gradient there.
+    same_rotation = torch.cat((gt[:, :3], current[:, 3:]), dim=1)
+    assert geodesic_gradient_loss(geodesic, same_rotation, gt).item() < 1e-12
+    assert geodesic_gradient_loss(lambda p: -geodesic(p), same_rotation, gt).item() == (
+        pytest.approx(4.0, rel=1e-9)
+    )
+
+    # A zero weight leaves its term out: a translation-only objective is perfect for w_r = 0.
+    def translation_only(pose):
+        return geodesic_distance(pose, gt, 0.0, 1.0, squared=True) + pose[:, :3].sum(-1)
+
+    assert geodesic_gradient_loss(translation_only, current, gt, 0.0, 1.0).item() < 1e-12
+    assert geodesic_gradient_loss(translation_only, current, gt, 1.0, 1.0).item() > 0.1
+
+
+def test_unit_and_direction_loss_are_safe_at_zero():
+    v = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    out = unit(v)
+    (g,) = torch.autograd.grad(out.sum(), v)
+    assert torch.equal(out.detach(), torch.zeros(2, 3, dtype=torch.float64))
+    assert bool(torch.isfinite(g).all())
+    u = unit(torch.tensor([[3.0, 4.0, 0.0]]))
+    assert torch.allclose(u, torch.tensor([[0.6, 0.8, 0.0]]))
+    a = torch.tensor([[1.0, 0, 0, 0, 2.0, 0]])
+    b = torch.tensor([[0, 3.0, 0, 0, 0, 0]])
+    # rotation: |e_x - e_y|^2 = 2; translation: G_t = 0 has no direction and counts 0.
+    assert direction_loss(a, b).item() == pytest.approx(2.0)
+    assert direction_loss(a, b, rot_tolerance=3.0).item() == 0.0
+    # translation against -e_z: |e_y + e_z|^2 = 2.
+    c = torch.tensor([[0, 3.0, 0, 0, 0, -0.5]])
+    assert direction_loss(a, c).item() == pytest.approx(4.0)
+    assert direction_loss(a, c, trans_tolerance=0.4).item() == pytest.approx(4.0)
+    assert direction_loss(a, c, trans_tolerance=0.6).item() == pytest.approx(2.0)
+
+
+def test_training_loss_reaches_every_parameter(case):
+    projector, _, bone, spacing, gt, target = case
+    net = _net(projector)
+    current = perturb(gt.expand(2, 6), _poses(2, seed=10))
+    loss = geodesic_gradient_loss(
+        lambda p: net(bone, spacing, p, target), current, gt, reduction="mean"
+    )
+    assert loss.dim() == 0 and 0.0 <= loss.item() <= 8.0
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, name
+        assert bool(torch.isfinite(p.grad).all()) and p.grad.abs().sum() > 0, name
+    # The same through a NetObjective without the cache, and under no_grad (validation).
+    objective = NetObjective(net, bone, spacing, target, cache=False)
+    with torch.no_grad():
+        again = geodesic_gradient_loss(objective, current, gt)
+    assert again.item() == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)
+
+
+def test_training_loss_bad_input(case):
+    current, gt = _poses(2), _poses(2, seed=11)
+
+    def geodesic(p):
+        return geodesic_distance(p, gt, squared=True)
+
+    with pytest.raises(ProstlabError, match="reduction: expected one of"):
+        geodesic_gradient_loss(geodesic, current, gt, reduction="max")
+    with pytest.raises(
+        ProstlabError, match=r"objective_fn: expected values of shape \(B,\) = \(2,\)"
+    ):
+        geodesic_gradient_loss(lambda p: geodesic(p)[:, None], current, gt)
+    with pytest.raises(
+        ProstlabError, match="objective_fn: expected values that depend on the pose"
+    ):
+        geodesic_gradient_loss(lambda p: torch.ones(2, requires_grad=True) * 2, current, gt)
+    with pytest.raises(ProstlabError, match="gt_pose: expected batch size 2"):
+        geodesic_gradient_loss(geodesic, current, _poses(3))
+    with pytest.raises(ProstlabError, match=r"current_pose: expected shape \(B, 6\)"):
+        geodesic_gradient_loss(geodesic, current[:, :3], gt)
+    bad = current.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ProstlabError, match="current_pose: expected finite values"):
+        geodesic_gradient_loss(geodesic, bad, gt)
+    with pytest.raises(ProstlabError, match="trans_weight"):
+        geodesic_gradient_loss(geodesic, current, gt, 1.0, -1.0)
