@@ -123,9 +123,8 @@ __device__ __forceinline__ void clip_ray(Ray<T>& ray, const T half[3], T length,
   }
   ray.k_first = 0;
   ray.count = 0;
-  // As in sample_range, a box wholly before the source (or beyond the pixel) still counts as hit
-  // here, and the clamp below leaves it the sample at tau = 0 (or L, if on the step grid).
-  if (!(t_in <= t_out)) return;  // misses the box (or NaN)
+  // As in sample_range: a miss, a box wholly behind the source or beyond the pixel, or NaN.
+  if (!(t_in <= t_out) || t_out < T(0) || t_in > length) return;
   t_in = min_(max_(t_in, T(0)), length);
   t_out = min_(max_(t_out, T(0)), length);
   const T k_first = ceil_(t_in / step);

@@ -230,3 +230,13 @@ def test_half_precision_renders_in_float32():
     assert half.dtype == torch.bfloat16
     full = projector(volume.to(torch.bfloat16).float(), (1.0, 1.0, 1.0), p)
     assert torch.allclose(half.float(), full, rtol=1e-2)
+
+
+def test_volume_behind_the_source_gives_no_image_and_no_gradient():
+    volume = torch.ones(1, 1, 4, 4, 4, dtype=torch.float64)
+    # Turned about y and moved 200 mm back: the box lies 80 mm behind the source, on the ray's
+    # low side, where a clamped sample at the source would still see the volume's gradient.
+    p = pose(rot=(0.0, math.pi, 0.0), trans=(0.0, 0.0, -200.0)).requires_grad_()
+    image = Projector(small_camera(), step=0.5, backend="torch")(volume, (1.0, 1.0, 1.0), p)
+    (grad,) = torch.autograd.grad(image.sum(), p)
+    assert torch.count_nonzero(image) == 0 and torch.count_nonzero(grad) == 0

@@ -40,6 +40,8 @@ class _Project(Function):
 class _ProjectVJP(Function):
     @staticmethod
     def forward(ctx, vol, M, g, rays, backend, need_vol, need_M):
+        # An unused output's cotangent arrives as None, not zeros: no kernel runs on zeros.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(vol, M, g)
         ctx.rays, ctx.backend = rays, backend
         return backend.vjp(rays, vol, M, g, need_vol, need_M)

@@ -90,8 +90,9 @@ class RayBundle:
             parallel, torch.where(inside, unbounded, -unbounded), torch.maximum(t0, t1)
         )
         t_in, t_out = lo.amax(dim=-1), hi.amin(dim=-1)
-        hits = t_in <= t_out
         length = length.expand_as(t_in)
+        # A box wholly behind the source or beyond the pixel is missed too.
+        hits = (t_in <= t_out) & (t_out >= 0) & (t_in <= length)
         t_in = torch.minimum(t_in.clamp(min=0.0), length)
         t_out = torch.minimum(t_out.clamp(min=0.0), length)
         k_first = torch.ceil(t_in / self.step)
