@@ -1,0 +1,39 @@
+"""The registration benchmark's results: per-case rows, per-method summaries and their files.
+
+The test loop (:mod:`prostlab.lightning`) registers each case with each method and produces one
+row per case and method (:data:`ROW_FIELDS`); this package checks the rows, writes them to CSV,
+summarises them per method and writes ``summary.json`` and ``summary.md``. Figures of the same rows
+are in :mod:`prostlab.viz.report`. Files, columns and definitions: ``docs/benchmark.md``.
+"""
+
+from prostlab.benchmark.rows import (
+    ROW_FIELDS,
+    STATUSES,
+    is_failed,
+    methods_in_order,
+    validate_rows,
+    write_cases_csv,
+)
+from prostlab.benchmark.summary import (
+    SUMMARY_FIELDS,
+    check_threshold,
+    compare,
+    markdown_table,
+    summarise,
+    write_summary,
+)
+
+__all__ = [
+    "ROW_FIELDS",
+    "STATUSES",
+    "SUMMARY_FIELDS",
+    "check_threshold",
+    "is_failed",
+    "compare",
+    "markdown_table",
+    "methods_in_order",
+    "summarise",
+    "validate_rows",
+    "write_cases_csv",
+    "write_summary",
+]

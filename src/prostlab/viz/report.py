@@ -1,0 +1,373 @@
+"""Figures of a registration benchmark: success against initial error, mTRE curves, overlays, GIFs.
+
+The plots read the benchmark rows of :mod:`prostlab.benchmark` (one per case and method). They
+draw on :class:`matplotlib.figure.Figure` objects directly (the Agg renderer; pyplot's global
+state is not touched), so they work headless and in threads. Every function creates the parent
+directories of ``path`` and returns the written :class:`~pathlib.Path`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
+
+from prostlab.benchmark.rows import is_failed, methods_in_order, validate_rows
+from prostlab.benchmark.summary import check_threshold
+from prostlab.errors import ProstlabError
+from prostlab.metrics.functional import DEFAULT_SUCCESS_THRESHOLD_MM
+from prostlab.viz.panels import overlay
+
+__all__ = [
+    "plot_mtre_cdf",
+    "plot_success_vs_initial",
+    "save_overlays",
+    "save_registration_gif",
+]
+
+_DPI = 130
+_GIF_MIN_SIDE = 256
+
+
+def _colours(methods: Sequence[str]) -> dict[str, Any]:
+    """One tab10 colour per method, by first-seen order, the same in every figure."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {method: cmap(k % 10) for k, method in enumerate(methods)}
+
+
+def _target(path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    rows = validate_rows(rows)
+    if not rows:
+        raise ProstlabError("rows: expected at least one benchmark row to plot, got none")
+    return rows
+
+
+def _edges(rows: Sequence[Mapping[str, Any]], bins: int | Sequence[float]) -> np.ndarray:
+    """Bin edges in mm: at most ``bins`` equal bins of a round width (1, 2, 2.5 or 5 times a power
+    of ten) from 0 mm to past the largest initial mTRE; or the given increasing edges."""
+    if isinstance(bins, (int, np.integer)) and not isinstance(bins, bool):
+        if bins < 1:
+            raise ProstlabError(f"bins: expected a positive number of bins, got {bins}")
+        initial = [float(r["initial_mtre_mm"]) for r in rows]
+        finite = [v for v in initial if math.isfinite(v)]
+        if not finite:
+            raise ProstlabError("rows: expected some finite initial_mtre_mm to bin, got none")
+        top = max(finite)
+        step = top / bins
+        magnitude = 10 ** math.floor(math.log10(step)) if step > 0 else 1.0
+        nice = min(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= step)
+        count = max(1, min(bins, math.ceil(top / nice - 1e-9)))
+        return np.arange(count + 1) * nice
+    try:
+        edges = np.asarray(bins, dtype=float)
+    except (TypeError, ValueError):
+        edges = np.empty(0)
+    if edges.ndim != 1 or edges.size < 2 or not np.all(np.isfinite(edges)):
+        raise ProstlabError(
+            f"bins: expected a number of bins or at least two finite bin edges in mm, got {bins!r}"
+        )
+    if np.any(np.diff(edges) <= 0):
+        raise ProstlabError(f"bins: expected increasing bin edges, got {edges.tolist()}")
+    return edges
+
+
+def _bin_of(value: float, edges: np.ndarray) -> int | None:
+    """The bin index of ``value`` (bins closed on the left; the last one on both sides)."""
+    if not math.isfinite(value) or value < edges[0] or value > edges[-1]:
+        return None
+    return min(int(np.searchsorted(edges, value, side="right")) - 1, len(edges) - 2)
+
+
+def plot_success_vs_initial(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    threshold_mm: float = DEFAULT_SUCCESS_THRESHOLD_MM,
+    bins: int | Sequence[float] = 8,
+) -> Path:
+    """Success rate (%) per method against the initial mTRE (mm), binned; one line per method.
+
+    A case succeeds when it did not fail and its final mTRE is below ``threshold_mm`` (as in
+    :func:`prostlab.benchmark.summarise`). ``bins`` is the largest number of equal bins of a round
+    width from 0 mm to past the largest initial mTRE, or explicit edges in mm; cases outside the edges are
+    left out. Each tick reads the bin's range and its number of cases ``n`` (distinct cases; every
+    method registers the same cases from the same initial poses). Empty bins leave a gap.
+    """
+    threshold_mm = check_threshold(threshold_mm)
+    rows = _rows(rows)
+    edges = _edges(rows, bins)
+    n_bins = len(edges) - 1
+    methods = methods_in_order(rows)
+    colours = _colours(methods)
+    cases_in_bin: list[set[int]] = [set() for _ in range(n_bins)]
+    hits = {m: np.zeros(n_bins) for m in methods}
+    totals = {m: np.zeros(n_bins) for m in methods}
+    for row in rows:
+        b = _bin_of(float(row["initial_mtre_mm"]), edges)
+        if b is None:
+            continue
+        cases_in_bin[b].add(int(row["case"]))
+        totals[row["method"]][b] += 1
+        ok = not is_failed(row) and float(row["final_mtre_mm"]) < threshold_mm
+        hits[row["method"]][b] += ok
+    centres = 0.5 * (edges[:-1] + edges[1:])
+
+    fig = Figure(figsize=(max(6.4, 0.85 * n_bins + 1.5), 4.2), dpi=_DPI)
+    ax = fig.add_subplot()
+    for method in methods:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rate = np.where(totals[method] > 0, 100.0 * hits[method] / totals[method], np.nan)
+        ax.plot(centres, rate, marker="o", lw=1.8, ms=5, color=colours[method], label=method)
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_ylim(-4, 104)
+    ax.set_xticks(centres)
+    ax.set_xticklabels(
+        [
+            f"{lo:g}–{hi:g}\nn={len(c)}"
+            for lo, hi, c in zip(edges[:-1], edges[1:], cases_in_bin, strict=True)
+        ],
+        fontsize=8,
+    )
+    ax.set_xticks(edges, minor=True)
+    ax.grid(True, which="minor", axis="x", alpha=0.3)
+    ax.grid(True, which="major", axis="y", alpha=0.3)
+    ax.tick_params(axis="x", which="major", length=0)
+    ax.set_xlabel("initial mTRE (mm), n = cases per bin")
+    ax.set_ylabel(f"success rate (%), final mTRE < {threshold_mm:g} mm")
+    ax.set_title("Success against initial misalignment", fontsize=10)
+    ax.legend(fontsize=8, loc="best", frameon=True)
+    fig.tight_layout()
+    path = _target(path)
+    fig.savefig(path)
+    return path
+
+
+def plot_mtre_cdf(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    threshold_mm: float = DEFAULT_SUCCESS_THRESHOLD_MM,
+) -> Path:
+    """Cumulative distribution of the final mTRE per method, log mm axis, threshold marked.
+
+    The y value at ``x`` is the percentage of *all* the method's cases whose final mTRE is at most
+    ``x``; failed cases (status ``failed`` or non-finite mTRE) count as infinitely wrong, so such
+    a curve ends below 100 %. The legend gives each method's success rate and failures.
+    """
+    threshold_mm = check_threshold(threshold_mm)
+    rows = _rows(rows)
+    methods = methods_in_order(rows)
+    colours = _colours(methods)
+    finals = {m: [] for m in methods}
+    counts = dict.fromkeys(methods, 0)
+    for row in rows:
+        counts[row["method"]] += 1
+        if not is_failed(row):
+            finals[row["method"]].append(float(row["final_mtre_mm"]))
+    positive = [v for vs in finals.values() for v in vs if v > 0] + [threshold_mm]
+    lo, hi = min(positive) / 1.5, max(positive) * 1.5
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=_DPI)
+    ax = fig.add_subplot()
+    for method in methods:
+        values = np.sort(np.clip(finals[method], lo, None))
+        n = counts[method]
+        fraction = 100.0 * np.arange(1, len(values) + 1) / n
+        x = np.concatenate(([lo], values, [hi]))
+        y = np.concatenate(([0.0], fraction, [fraction[-1] if len(values) else 0.0]))
+        success = 100.0 * sum(v < threshold_mm for v in finals[method]) / n
+        failed = n - len(finals[method])
+        label = f"{method}: {success:.0f} % < {threshold_mm:g} mm" + (
+            f", {failed} failed" if failed else ""
+        )
+        ax.step(x, y, where="post", lw=1.8, color=colours[method], label=label)
+    ax.axvline(threshold_mm, color="0.3", ls="--", lw=1)
+    ax.annotate(
+        f"{threshold_mm:g} mm",
+        (threshold_mm, 1.0),
+        xycoords=("data", "axes fraction"),
+        xytext=(3, -3),
+        textcoords="offset points",
+        va="top",
+        fontsize=8,
+        color="0.3",
+    )
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(0, 102)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.set_xlabel("final mTRE (mm, log scale)")
+    ax.set_ylabel("cases with final mTRE ≤ x (%)")
+    ax.set_title("Cumulative distribution of the final mTRE", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path = _target(path)
+    fig.savefig(path)
+    return path
+
+
+def _image(value: Any, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A (H, W) float tensor from an array or tensor; ``shape`` must match when given."""
+    try:
+        image = torch.as_tensor(
+            value.detach().cpu() if isinstance(value, torch.Tensor) else np.asarray(value)
+        )
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ProstlabError(
+            f"{name}: expected a (H, W) image array or tensor, got {type(value).__name__}"
+        ) from err
+    image = image.squeeze() if image.ndim > 2 else image
+    if image.ndim != 2 or (shape is not None and tuple(image.shape) != shape):
+        want = f"shape {shape}" if shape is not None else "a (H, W) image"
+        raise ProstlabError(f"{name}: expected {want}, got shape {tuple(image.shape)}")
+    return image.float()
+
+
+def save_overlays(panels: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """A grid of registrations: one row per case, columns target | initial | final overlay.
+
+    Each panel is ``{"title": str, "target": (H, W), "initial": (H, W), "final": (H, W)}`` (arrays
+    or tensors; a leading ``(1, 1)`` is squeezed); ``initial`` and ``final`` are the moving DRRs at
+    the initial and final poses. The overlays are :func:`prostlab.viz.panels.overlay`: the target
+    in magenta, the DRR in green, so aligned anatomy turns grey.
+    """
+    if isinstance(panels, Mapping) or not isinstance(panels, Sequence) or not panels:
+        raise ProstlabError(
+            "panels: expected a non-empty list of dicts with keys title, target, initial, final"
+        )
+    checked = []
+    for i, p in enumerate(panels):
+        if not isinstance(p, Mapping):
+            raise ProstlabError(f"panels[{i}]: expected a dict, got {type(p).__name__}")
+        for key in ("title", "target", "initial", "final"):
+            if key not in p:
+                raise ProstlabError(
+                    f"panels[{i}]: missing key {key!r}; expected title, target, initial, final"
+                )
+        target = _image(p["target"], f"panels[{i}].target")
+        shape = tuple(target.shape)
+        initial = _image(p["initial"], f"panels[{i}].initial", shape)
+        final = _image(p["final"], f"panels[{i}].final", shape)
+        checked.append((str(p["title"]), target, initial, final))
+
+    side = 2.3
+    fig = Figure(figsize=(3 * side, len(checked) * side + 0.5), dpi=_DPI, layout="compressed")
+    axes = fig.subplots(len(checked), 3, squeeze=False)
+    columns = ("target", "initial pose", "final pose")
+    for r, (title, target, initial, final) in enumerate(checked):
+        images = (target.numpy(), overlay(target, initial), overlay(target, final))
+        for c, image in enumerate(images):
+            ax = axes[r][c]
+            ax.imshow(image, cmap="gray" if c == 0 else None, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(columns[c], fontsize=9)
+        axes[r][0].set_ylabel(title, fontsize=8)
+    fig.suptitle("overlays: target magenta, DRR green; aligned anatomy turns grey", fontsize=8)
+    path = _target(path)
+    fig.savefig(path)
+    return path
+
+
+def _caption_font(points: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's default font at ``points`` px where this Pillow can scale it (FreeType, >= 10.1)."""
+    try:
+        return ImageFont.load_default(size=points)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def save_registration_gif(
+    frames: Any,
+    target: Any,
+    path: str | Path,
+    fps: float = 10,
+    titles: Sequence[str] | None = None,
+) -> Path:
+    """An animated GIF of a registration: each frame overlays a moving DRR on the target.
+
+    Args:
+        frames: ``(T, H, W)`` moving DRRs over the iterations (array or tensor).
+        target: ``(H, W)`` target image.
+        path: where to write the GIF.
+        fps: frames per second (GIF delays are whole hundredths of a second).
+        titles: optional ``T`` captions (e.g. ``"it 40  mTRE 3.2 mm"``), drawn in a black bar
+            under each frame with PIL's default font.
+
+    Each frame is :func:`prostlab.viz.panels.overlay` (target magenta, DRR green), scaled up by
+    a whole factor with nearest-neighbour so that its short side is at least 256 px. The GIF
+    loops forever. GIF writers merge consecutive identical frames into one longer frame, so a
+    registration that stood still can give fewer than ``T`` frames.
+    """
+    target_image = _image(target, "target")
+    try:
+        stack = torch.as_tensor(
+            frames.detach().cpu() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+        )
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ProstlabError(
+            f"frames: expected a (T, H, W) array or tensor, got {type(frames).__name__}"
+        ) from err
+    if stack.ndim != 3 or tuple(stack.shape[1:]) != tuple(target_image.shape) or stack.shape[0] < 1:
+        raise ProstlabError(
+            f"frames: expected shape (T, {target_image.shape[0]}, {target_image.shape[1]}) with "
+            f"T >= 1 to match target, got {tuple(stack.shape)}"
+        )
+    if (
+        isinstance(fps, bool)
+        or not isinstance(fps, (int, float))
+        or not (fps > 0 and math.isfinite(fps))
+    ):
+        raise ProstlabError(f"fps: expected a positive number of frames per second, got {fps!r}")
+    count = stack.shape[0]
+    if titles is not None and (
+        isinstance(titles, str) or not isinstance(titles, Sequence) or len(titles) != count
+    ):
+        got = f"{len(titles)}" if isinstance(titles, Sequence) else repr(titles)
+        raise ProstlabError(
+            f"titles: expected a list of {count} captions, one per frame, got {got}"
+        )
+    height, width = target_image.shape
+    scale = max(1, math.ceil(_GIF_MIN_SIDE / min(height, width)))
+    size = (width * scale, height * scale)
+    font = _caption_font(max(12, size[0] // 20))
+    bar = 0
+    if titles is not None:
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        bar = max(probe.textbbox((0, 0), str(t) or " ", font=font)[3] for t in titles) + 8
+
+    images = []
+    for k in range(count):
+        rgb = (overlay(target_image, stack[k].float()) * 255).round().astype(np.uint8)
+        image = Image.fromarray(rgb).resize(size, Image.Resampling.NEAREST)
+        if titles is not None:
+            canvas = Image.new("RGB", (size[0], size[1] + bar), (0, 0, 0))
+            canvas.paste(image, (0, 0))
+            ImageDraw.Draw(canvas).text(
+                (6, size[1] + 4), str(titles[k]), fill=(255, 255, 255), font=font
+            )
+            image = canvas
+        images.append(image)
+    path = _target(path)
+    images[0].save(
+        path,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=max(10, round(1000 / fps)),
+        loop=0,
+    )
+    return path

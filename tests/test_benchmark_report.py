@@ -1,0 +1,205 @@
+"""Benchmark rows -> summaries, files and figures (prostlab.benchmark, prostlab.viz.report)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageSequence
+
+from prostlab.benchmark import (
+    ROW_FIELDS,
+    compare,
+    markdown_table,
+    summarise,
+    validate_rows,
+    write_cases_csv,
+    write_summary,
+)
+from prostlab.errors import ProstlabError
+from prostlab.viz.report import (
+    plot_mtre_cdf,
+    plot_success_vs_initial,
+    save_overlays,
+    save_registration_gif,
+)
+
+NAN = math.nan
+
+
+def row(case, method, final, *, initial=20.0, iterations=100, switch=-1, seconds=1.0, status=None):
+    """A row whose final errors scale with ``final`` mTRE (NaN for a failed registration)."""
+    if status is None:
+        status = "failed" if math.isnan(final) else "converged"
+    return {
+        "case": case,
+        "volume_index": case % 2,
+        "method": method,
+        "initial_rotation_error_deg": initial / 2,
+        "initial_translation_error_mm": initial / 4,
+        "initial_mtre_mm": initial,
+        "final_rotation_error_deg": final / 2,
+        "final_translation_error_mm": final / 4,
+        "final_mtre_mm": final,
+        "final_mpd_mm": final * 1.5,
+        "iterations": iterations,
+        "switch_iteration": switch,
+        "seconds": seconds,
+        "status": status,
+        "success": bool(final < 10),
+    }
+
+
+@pytest.fixture
+def rows():
+    """Two methods over 4 cases, listed out of order; 'net' first seen, 'gradncc' has a NaN."""
+    return [
+        row(2, "net", 4.0, initial=30.0, iterations=300, switch=50, seconds=3.0),
+        row(0, "net", 1.0, initial=10.0, iterations=100, switch=10, seconds=1.0),
+        row(1, "net", 2.0, initial=20.0, iterations=200, switch=-1, seconds=2.0),
+        row(3, "net", 20.0, initial=40.0, iterations=400, switch=30, seconds=4.0),
+        row(1, "gradncc", 9.0, initial=20.0, iterations=50, seconds=0.5),
+        row(0, "gradncc", 5.0, initial=10.0, iterations=60, seconds=0.6),
+        row(3, "gradncc", NAN, initial=40.0, iterations=70, seconds=0.7),
+        row(2, "gradncc", 30.0, initial=30.0, iterations=80, seconds=0.8),
+    ]
+
+
+def test_summarise_statistics(rows):
+    s = summarise(rows)
+    assert list(s) == ["net", "gradncc"]  # first-seen order
+    net, grad = s["net"], s["gradncc"]
+    assert (net["n_cases"], net["n_failed"], net["n_success"]) == (4, 0, 3)
+    assert net["success_rate"] == pytest.approx(0.75)
+    assert net["median_final_mtre_mm"] == pytest.approx(3.0)  # median of 1, 2, 4, 20
+    assert net["mean_final_mtre_mm"] == pytest.approx(27.0 / 4)
+    assert net["median_final_rotation_error_deg"] == pytest.approx(1.5)
+    assert net["median_final_translation_error_mm"] == pytest.approx(0.75)
+    assert net["median_initial_mtre_mm"] == pytest.approx(25.0)
+    assert net["median_iterations"] == pytest.approx(250.0)
+    assert net["median_seconds"] == pytest.approx(2.5)
+    assert net["n_switched"] == 3 and net["median_switch_iteration"] == pytest.approx(30.0)
+    # The NaN case is a failure: out of the success rate's numerator, out of the mTRE statistics.
+    assert (grad["n_cases"], grad["n_failed"], grad["n_success"]) == (4, 1, 2)
+    assert grad["success_rate"] == pytest.approx(0.5)
+    assert grad["median_final_mtre_mm"] == pytest.approx(9.0)  # median of 5, 9, 30
+    assert grad["mean_final_mtre_mm"] == pytest.approx(44.0 / 3)
+    assert grad["median_iterations"] == pytest.approx(65.0)  # over all cases, failed included
+    assert grad["n_switched"] == 0 and math.isnan(grad["median_switch_iteration"])
+    # Re-thresholding the same rows; a 'failed' status with a finite mTRE is still a failure.
+    assert summarise(rows, threshold_mm=25.0)["net"]["success_rate"] == pytest.approx(1.0)
+    failed_but_close = [row(0, "m", 1.0, status="failed"), row(1, "m", 1.0)]
+    assert summarise(failed_but_close)["m"]["n_success"] == 1
+    with pytest.raises(ProstlabError, match="threshold_mm"):
+        summarise(rows, threshold_mm=0)
+
+
+def test_cases_csv_round_trip(rows, tmp_path):
+    path = write_cases_csv(rows, tmp_path / "deep" / "cases.csv")
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        lines = list(reader)
+    assert tuple(header) == ROW_FIELDS
+    order = [(int(line[0]), line[2]) for line in lines]
+    assert order == [(c, m) for c in range(4) for m in ("net", "gradncc")]
+    back = {(int(line[0]), line[2]): dict(zip(header, line, strict=True)) for line in lines}
+    assert math.isnan(float(back[(3, "gradncc")]["final_mtre_mm"]))
+    assert float(back[(2, "net")]["final_mtre_mm"]) == 4.0
+    assert back[(0, "net")]["success"] == "True" and back[(3, "net")]["success"] == "False"
+    assert int(back[(1, "net")]["switch_iteration"]) == -1
+
+
+def test_summary_files_and_sentence(rows, tmp_path):
+    s = summarise(rows)
+    meta = {"config": "pelvis_small", "checkpoint": "net.ckpt", "commit": "abc1234"}
+    json_path, md_path = write_summary(s, tmp_path / "out", meta)
+    document = json.loads(json_path.read_text())  # strict JSON: NaN became null
+    assert document["meta"]["config"] == "pelvis_small"
+    assert document["meta"]["threshold_mm"] == 10.0 and document["meta"]["n_cases"] == 4
+    assert "date" in document["meta"]
+    assert document["methods"]["gradncc"]["median_switch_iteration"] is None
+    assert document["methods"]["net"]["success_rate"] == pytest.approx(0.75)
+    md = md_path.read_text()
+    assert "| method | cases | failed | success (mTRE < 10 mm) | median mTRE (mm) |" in md
+    assert "| net | 4 | 0 | 75.0 % | 3.00 | 6.75 |" in md
+    assert "| gradncc | 4 | 1 | 50.0 % | 9.00 |" in md
+    assert "pelvis_small" in md and "abc1234" in md
+    assert markdown_table(s) in md
+    assert compare(s, "net", "gradncc") == (
+        "net succeeds in 75.0 % vs gradncc 50.0 % of 4 cases (mTRE < 10 mm)"
+    )
+    with pytest.raises(ProstlabError, match="'ncc'"):
+        compare(s, "net", "ncc")
+    with pytest.raises(ProstlabError, match="meta.threshold_mm"):
+        write_summary(s, tmp_path, {"threshold_mm": 5.0})
+
+
+def test_validation_names_the_key(rows):
+    broken = [dict(r) for r in rows]
+    del broken[3]["final_mtre_mm"]
+    with pytest.raises(ProstlabError, match=r"rows\[3\]: missing key 'final_mtre_mm'"):
+        validate_rows(broken)
+    broken = [dict(r) for r in rows]
+    broken[5]["status"] = "done"
+    with pytest.raises(ProstlabError, match=r"rows\[5\]\.status"):
+        summarise(broken)
+    broken = [dict(r) for r in rows]
+    broken[1]["iterations"] = 1.5
+    with pytest.raises(ProstlabError, match=r"rows\[1\]\.iterations: expected an integer"):
+        write_cases_csv(broken, "unused.csv")
+    with pytest.raises(ProstlabError, match=r"rows\[8\]: case 2 with method 'net'"):
+        validate_rows([*rows, dict(rows[0])])
+    with pytest.raises(ProstlabError, match="rows: expected a list"):
+        validate_rows({"case": 0})
+
+
+def _size_ok(path, suffix):
+    assert path.suffix == suffix and path.is_file() and path.stat().st_size > 1000
+
+
+def test_figures_are_written(rows, tmp_path):
+    rng = np.random.default_rng(0)
+    many = [
+        row(c, m, float(rng.lognormal(1.5, 1.0)), initial=float(rng.uniform(0, 40)))
+        for c in range(30)
+        for m in ("gradncc", "net_gradncc")
+    ]
+    many[3] = row(1, "net_gradncc", NAN, initial=many[3]["initial_mtre_mm"])
+    _size_ok(plot_success_vs_initial(many, tmp_path / "a" / "success.png"), ".png")
+    _size_ok(plot_success_vs_initial(rows, tmp_path / "s2.png", bins=[0, 15, 45]), ".png")
+    _size_ok(plot_mtre_cdf(many, tmp_path / "b" / "cdf.png"), ".png")
+    with pytest.raises(ProstlabError, match="bins"):
+        plot_success_vs_initial(rows, tmp_path / "x.png", bins=[10, 5])
+
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+
+    def blob(cx):
+        return torch.exp(-((xx - cx) ** 2 + (yy - 8) ** 2) / 8)
+
+    panels = [
+        {"title": "case 0", "target": blob(8), "initial": blob(4).numpy(), "final": blob(8)},
+        {"title": "case 1", "target": blob(8)[None, None], "initial": blob(12), "final": blob(9)},
+    ]
+    _size_ok(save_overlays(panels, tmp_path / "c" / "overlays.png"), ".png")
+    with pytest.raises(ProstlabError, match=r"panels\[1\]\.final"):
+        save_overlays([panels[0], {**panels[1], "final": torch.zeros(8, 8)}], tmp_path / "y.png")
+
+    frames = torch.stack([blob(3.0 + t) for t in range(6)])
+    titles = [f"it {t}  mTRE {6 - t:.1f} mm" for t in range(6)]
+    gif = save_registration_gif(frames, blob(8), tmp_path / "d" / "reg.gif", fps=5, titles=titles)
+    _size_ok(gif, ".gif")
+    with Image.open(gif) as image:
+        assert sum(1 for _ in ImageSequence.Iterator(image)) == 6
+        assert min(image.size) >= 256 and image.info["duration"] == 200
+    plain = save_registration_gif(frames.numpy(), blob(8), tmp_path / "plain.gif")
+    with Image.open(plain) as image:
+        assert image.size == (256, 256)
+    with pytest.raises(ProstlabError, match="titles"):
+        save_registration_gif(frames, blob(8), tmp_path / "z.gif", titles=titles[:2])
+    with pytest.raises(ProstlabError, match="frames"):
+        save_registration_gif(frames[:, :8], blob(8), tmp_path / "z.gif")
