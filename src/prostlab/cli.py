@@ -1,4 +1,4 @@
-"""The ``prostlab`` command: ``prepare`` a CT, ``render`` DRRs.
+"""The ``prostlab`` command: ``prepare`` a CT, ``render`` DRRs, ``fit`` the similarity network.
 
 Bad input (a ``ProstlabError``, a missing file) is printed on one line, and the command exits
 with status 2, without a traceback.
@@ -100,6 +100,12 @@ def _render(args: argparse.Namespace) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prostlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for name in LIGHTNING_COMMANDS:
+        sub.add_parser(
+            name,
+            help=f"{name} (LightningCLI, see `prostlab {name} --help`; test runs the "
+            "registration benchmark)",
+        )
 
     prep = sub.add_parser("prepare", help="CT (+ labels) -> attenuation cube, segmented CT")
     prep.add_argument("--ct", required=True, help="CT in HU: NIfTI file or DICOM series folder")
@@ -150,8 +156,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prostlab`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from prostlab.lightning.cli import run_lightning
+
+        try:
+            run_lightning(argv)
+        except ProstlabError as exc:
+            print(f"prostlab {argv[0]}: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     args = _parser().parse_args(argv)
     try:
         args.run(args)

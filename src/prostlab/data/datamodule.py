@@ -14,6 +14,7 @@ depend on the number of processes).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from prostlab.data.example import example_path
 from prostlab.data.poses import PoseDistribution, PoseSampler, case_generator
@@ -67,6 +68,8 @@ class PoseDataModule(pl.LightningDataModule):
         cache_dir: where raw CTs are prepared to, one folder per CT and preparation settings.
         size: voxels per cube edge when preparing.
         bones: bone selection when preparing (a preset, a group, or label ids).
+        downsample: average ``downsample^3`` voxel blocks after loading (2: 128^3 -> 64^3), for
+            fast CPU runs; the spacing grows by the same factor, the field of view stays.
         split: volume indices per split, e.g. ``{"train": [0, 1, 2], "val": [3], "test": [4]}``.
             Default: the last 20 % of the volumes for test, the 20 % before for validation, at
             least one each, when there are three volumes or more; otherwise every split uses
@@ -86,6 +89,7 @@ class PoseDataModule(pl.LightningDataModule):
         cache_dir: str = "cache/prepared",
         size: int = 128,
         bones: str | list[int] = "bones",
+        downsample: int = 1,
         split: dict[str, list[int]] | None = None,
         train_poses: dict[str, Any] | None = None,
         val_poses: dict[str, Any] | None = None,
@@ -106,6 +110,9 @@ class PoseDataModule(pl.LightningDataModule):
                     f"got keys {sorted(source)}"
                 )
         self.cache_dir, self.size, self.bones = Path(cache_dir), int(size), bones
+        if not isinstance(downsample, int) or downsample < 1:
+            raise ProstlabError(f"data.downsample: expected a positive integer, got {downsample!r}")
+        self.downsample = downsample
         self.split = self._resolve_split(split)
         self.samplers = {
             name: _sampler(config, f"data.{name}_poses")
@@ -187,7 +194,10 @@ class PoseDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.prepared:
             self.prepare_data()  # idempotent; covers use without a Trainer
-            self.prepared = [load_prepared(self._folder(source)) for source in self.sources]
+            self.prepared = [
+                _downsampled(load_prepared(self._folder(source)), self.downsample)
+                for source in self.sources
+            ]
             for source, prepared in zip(self.sources, self.prepared, strict=True):
                 if prepared.bone is None or not bool(prepared.bone.data.gt(0).any()):
                     raise ProstlabError(
@@ -213,9 +223,19 @@ class PoseDataModule(pl.LightningDataModule):
         return self.batch_size // world
 
     def _loader(self, split: str) -> DataLoader:
+        dataset = self.dataset(split)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        # In order across processes too: rank r reads cases r, r + world, ..., so a step's
+        # global batch holds the cases one process would read (Lightning's sampler shuffles).
+        sampler = None
+        if world > 1:
+            sampler = DistributedSampler(
+                dataset, num_replicas=world, rank=self.trainer.global_rank, shuffle=False
+            )
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.per_process_batch(),
+            sampler=sampler,
             shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -229,6 +249,14 @@ class PoseDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+def _downsampled(prepared: PreparedCT, factor: int) -> PreparedCT:
+    """The CT and bone volumes averaged over ``factor^3`` blocks (labels are dropped)."""
+    if factor == 1:
+        return prepared
+    bone = prepared.bone.downsampled(factor) if prepared.bone is not None else None
+    return dataclasses.replace(prepared, ct=prepared.ct.downsampled(factor), bone=bone, labels=None)
 
 
 def _sampler(config: Mapping[str, Any] | None, name: str) -> PoseSampler:

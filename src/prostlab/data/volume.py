@@ -69,6 +69,27 @@ class Volume:
         """``data`` with a leading batch axis: ``(1, C, D, H, W)``."""
         return self.data.unsqueeze(0)
 
+    def downsampled(self, factor: int) -> Volume:
+        """Average ``factor^3`` blocks of voxels: spacing times ``factor``, same world extent.
+
+        The new voxel 0 is centred on the mean of the old voxels ``0 .. factor - 1``, so the
+        affine's origin moves by ``(factor - 1) / 2`` old voxels along each axis. Each axis must
+        be a multiple of ``factor``.
+        """
+        if not isinstance(factor, int) or factor < 1:
+            raise ProstlabError(f"factor: expected a positive integer, got {factor!r}")
+        if any(n % factor for n in self.data.shape[1:]):
+            raise ProstlabError(
+                f"factor: {factor} does not divide the grid {tuple(self.data.shape[1:])}"
+            )
+        if factor == 1:
+            return self
+        data = torch.nn.functional.avg_pool3d(self.data.unsqueeze(0), factor)[0]
+        affine = self.affine.copy()
+        affine[:3, 3] += affine[:3, :3] @ np.full(3, (factor - 1) / 2)
+        affine[:3, :3] *= factor
+        return Volume(data, tuple(s * factor for s in self.spacing), affine)
+
     @staticmethod
     def from_array(array: np.ndarray, affine: np.ndarray) -> Volume:
         """Wrap a 3D ``(D, H, W)`` array as a one-channel volume; spacing from the affine.

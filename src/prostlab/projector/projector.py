@@ -31,7 +31,7 @@ class Projector(nn.Module):
     """
 
     def __init__(
-        self, camera: Camera, step: float = 1.0, backend: str = "auto", max_samples: int = 1 << 21
+        self, camera: Camera, step: float = 1.0, backend: str = "auto", max_samples: int = 1 << 18
     ):
         super().__init__()
         if not isinstance(camera, Camera):

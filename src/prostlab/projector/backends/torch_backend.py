@@ -59,7 +59,7 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, max_samples: int = 1 << 21):
+    def __init__(self, max_samples: int = 1 << 18):
         self.max_samples = int(max_samples)
 
     # ----------------------------------------------------------------------------- primitives

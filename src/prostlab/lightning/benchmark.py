@@ -1,0 +1,212 @@
+"""The registration benchmark that ``prostlab test`` runs in the Lightning test loop.
+
+Each test case is a ground-truth pose, a target X-ray rendered from the **whole CT** there
+(optionally with Poisson noise at ``photons`` per pixel) and an initial pose. Every method (a
+named registration schedule) registers the same cases, moving the segmented bones (ProST's
+setting) or the whole CT. Each (case, method) gives one row of errors, iterations and time; the
+rows of all processes are gathered, sorted by case, and written as ``cases.csv``,
+``summary.json``, ``summary.md`` and figures under ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+
+from prostlab.data.noise import poisson_noise
+from prostlab.data.poses import case_generator
+from prostlab.errors import ProstlabError
+from prostlab.metrics.functional import (
+    mean_projection_distance,
+    mtre,
+    rotation_error,
+    translation_error,
+)
+from prostlab.registration import Schedule, load_schedule, register
+from prostlab.lightning.benchmark_output import write_benchmark
+
+DEFAULT_METHODS = {"gradncc": "gradncc", "ncc": "ncc", "net": "net",
+                   "net_gradncc": "net_gradncc"}
+NOISE_STREAM = 3  # generator key of the noise draws, apart from the pose splits 0..2
+
+
+@dataclass
+class BenchmarkConfig:
+    """What ``prostlab test`` runs (the ``model.benchmark`` section of a config).
+
+    Attributes:
+        methods: name -> schedule (a preset of configs/registration or a schedule mapping).
+        moving: the volume the methods render, "bone" (ProST) or "ct".
+        photons: unattenuated photons per pixel for Poisson noise on the targets; None: none.
+        output_dir: where the tables and figures go.
+        overlays: cases drawn in the overlay figure.
+        gif_case: the case whose registration (by the last method) is animated; None: none.
+        max_frames: frames of the animation at most.
+    """
+
+    methods: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_METHODS))
+    moving: str = "bone"
+    photons: float | None = None
+    output_dir: str = "results/benchmark"
+    overlays: int = 4
+    gif_case: int | None = 0
+    max_frames: int = 60
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> BenchmarkConfig:
+        config = dict(config or {})
+        unknown = sorted(set(config) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ProstlabError(f"model.benchmark: unknown key(s) {unknown}; expected among "
+                                f"{sorted(cls.__dataclass_fields__)}")
+        made = cls(**config)
+        if made.moving not in ("bone", "ct"):
+            raise ProstlabError(f"model.benchmark.moving: expected 'bone' or 'ct', "
+                                f"got {made.moving!r}")
+        if not made.methods:
+            raise ProstlabError("model.benchmark.methods: expected at least one method")
+        return made
+
+    def schedules(self) -> dict[str, Schedule]:
+        """Each method's schedule, validated (errors name the method)."""
+        out = {}
+        for name, schedule in self.methods.items():
+            try:
+                out[name] = (load_schedule(schedule) if isinstance(schedule, str)
+                             else Schedule.from_config(schedule))
+            except ProstlabError as exc:
+                raise ProstlabError(f"model.benchmark.methods.{name}: {exc}") from exc
+        return out
+
+
+@dataclass
+class CaseOutcome:
+    """What a figure needs of one case and method beyond its row."""
+
+    case: int
+    method: str
+    target: torch.Tensor  # (h, w)
+    poses: torch.Tensor  # (T, 6) per iteration
+    initial: torch.Tensor  # (6,)
+    final: torch.Tensor  # (6,)
+    gt: torch.Tensor  # (6,)
+    volume_index: int
+
+
+def noisy_targets(clean: torch.Tensor, photons: float | None, seed: int,
+                  cases: torch.Tensor) -> torch.Tensor:
+    """Targets with each case's own seeded noise, so that noise does not depend on batching."""
+    if photons is None:
+        return clean
+    return torch.stack([
+        poisson_noise(image, photons, case_generator(seed, NOISE_STREAM, int(case)))
+        for image, case in zip(clean, cases, strict=True)
+    ])
+
+
+def case_rows(method: str, batch_cases: torch.Tensor, volume_index: int, gt: torch.Tensor,
+              initial: torch.Tensor, result, points: torch.Tensor, camera,
+              threshold_mm: float) -> list[dict[str, Any]]:
+    """One row per case of a registration result (see docs/benchmark.md for the columns)."""
+    final = result.final_poses.to(gt)
+    failed = torch.tensor([r.status == "failed" for r in result.records])
+    nan = torch.full_like(failed, math.nan, dtype=torch.float64)
+
+    def measure(fn, poses, *extra):
+        return fn(poses.double(), gt.double(), *extra).cpu()
+
+    init_errors = (measure(rotation_error, initial), measure(translation_error, initial),
+                   measure(mtre, initial, points.double()))
+    final_errors = [measure(rotation_error, final), measure(translation_error, final),
+                    measure(mtre, final, points.double()),
+                    measure(mean_projection_distance, final, points.double(), camera)]
+    final_errors = [torch.where(failed, nan, e) for e in final_errors]
+    rows = []
+    for i, record in enumerate(result.records):
+        final_mtre = float(final_errors[2][i])
+        rows.append({
+            "case": int(batch_cases[i]),
+            "volume_index": int(volume_index),
+            "method": method,
+            "initial_rotation_error_deg": float(init_errors[0][i]),
+            "initial_translation_error_mm": float(init_errors[1][i]),
+            "initial_mtre_mm": float(init_errors[2][i]),
+            "final_rotation_error_deg": float(final_errors[0][i]),
+            "final_translation_error_mm": float(final_errors[1][i]),
+            "final_mtre_mm": final_mtre,
+            "final_mpd_mm": float(final_errors[3][i]),
+            "iterations": int(record.n_iterations),
+            "switch_iteration": int(record.switches[0]) if record.switches else -1,
+            "seconds": float(record.wall_time),
+            "status": record.status,
+            "success": bool(final_mtre < threshold_mm),
+        })
+    return rows
+
+
+class BenchmarkLoop:
+    """The test-loop hooks of a LightningModule that holds ``net``, ``volumes`` and ``hparams``
+    (``benchmark``, ``success_threshold_mm``) — mixed into :class:`ConvexSimilarityModule`."""
+
+    def on_test_epoch_start(self) -> None:
+        self.bench = BenchmarkConfig.from_config(self.hparams.benchmark)
+        self.bench_schedules = self.bench.schedules()
+        if any("net" in [s.similarity for s in sch.stages] for sch in self.bench_schedules.values()):
+            if self.trainer.ckpt_path is None:
+                rank_zero_warn("test: no --ckpt_path; the 'net' methods use an untrained network")
+        self.bench_rows: list[dict[str, Any]] = []
+        self.bench_outcomes: list[CaseOutcome] = []
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        with torch.inference_mode(False), torch.enable_grad():
+            batch = {k: v.clone() for k, v in batch.items()}
+            for view, sel in self.volumes.groups(batch["volume_index"]):
+                self._benchmark_group(view, int(batch["volume_index"][sel][0]),
+                                      batch["gt_pose"][sel], batch["initial_pose"][sel],
+                                      batch["case"][sel])
+        last = list(self.bench_schedules)[-1]
+        done = [r["success"] for r in self.bench_rows if r["method"] == last]
+        self.log(f"test/{last}/success_running", sum(done) / max(len(done), 1), prog_bar=True,
+                 batch_size=len(batch["case"]))
+
+    def _benchmark_group(self, view, volume_index, gt, initial, cases) -> None:
+        with torch.no_grad():
+            clean = self.net.projector(view.ct, view.spacing, gt)
+        target = noisy_targets(clean, self.bench.photons, self.trainer.datamodule.seed, cases)
+        moving = view.bone if self.bench.moving == "bone" else view.ct
+        for method, schedule in self.bench_schedules.items():
+            result = register(target, initial, schedule, projector=self.net.projector,
+                              spacing=view.spacing, ct=moving, bone=view.bone, net=self.net)
+            self.bench_rows += case_rows(method, cases, volume_index, gt, initial, result,
+                                         view.points, self.camera,
+                                         self.hparams.success_threshold_mm)
+            for i, record in enumerate(result.records):
+                self.bench_outcomes.append(CaseOutcome(
+                    int(cases[i]), method, target[i, 0].cpu(), record.poses.cpu(),
+                    initial[i].cpu(), record.final_pose.cpu(), gt[i].cpu(), volume_index))
+
+    def on_test_epoch_end(self) -> None:
+        rows = _gathered(self.bench_rows)
+        outcomes = _gathered(self.bench_outcomes)
+        if self.trainer.global_rank != 0:
+            return
+        rows.sort(key=lambda r: (r["case"], list(self.bench_schedules).index(r["method"])))
+        outcomes.sort(key=lambda o: (o.case, list(self.bench_schedules).index(o.method)))
+        write_benchmark(self, rows, outcomes)
+
+
+def _gathered(items: list) -> list:
+    """Every process's items (all of them on every process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(items)
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, items)
+    return [item for part in everyone for item in part]
+
+
+__all__ = ["BenchmarkConfig", "BenchmarkLoop", "CaseOutcome", "case_rows", "noisy_targets"]

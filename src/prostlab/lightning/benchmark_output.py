@@ -1,0 +1,79 @@
+"""Write what a benchmark found: tables, figures, an animation, and the same on W&B."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.loggers import WandbLogger
+
+from prostlab.benchmark import markdown_table, summarise, write_cases_csv, write_summary
+from prostlab.viz.report import (
+    plot_mtre_cdf,
+    plot_success_vs_initial,
+    save_overlays,
+    save_registration_gif,
+)
+
+
+def _render(module, outcome, poses: torch.Tensor) -> torch.Tensor:
+    """(T, h, w) DRRs of the moving volume of ``outcome`` at ``poses`` (T, 6)."""
+    view = module.volumes[outcome.volume_index]
+    moving = view.bone if module.bench.moving == "bone" else view.ct
+    with torch.no_grad():
+        images = module.net.projector(moving, view.spacing, poses.to(moving))
+    return images[:, 0].cpu()
+
+
+def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
+    """Write ``cases.csv``, ``summary.json/.md``, figures and a GIF under the output folder."""
+    config = module.bench
+    folder = Path(config.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    threshold = module.hparams.success_threshold_mm
+    write_cases_csv(rows, folder / "cases.csv")
+    summary = summarise(rows, threshold)
+    meta = {
+        "checkpoint": str(module.trainer.ckpt_path),
+        "threshold_mm": threshold,
+        "photons": config.photons,
+        "moving": config.moving,
+        "methods": {k: (v if isinstance(v, str) else "custom") for k, v in config.methods.items()},
+    }
+    write_summary(summary, folder, meta)
+    figures = {
+        "success_vs_initial": plot_success_vs_initial(rows, folder / "success_vs_initial.png",
+                                                      threshold_mm=threshold),
+        "mtre_cdf": plot_mtre_cdf(rows, folder / "mtre_cdf.png"),
+    }
+    last = list(module.bench_schedules)[-1]
+    shown = [o for o in outcomes if o.method == last][: config.overlays]
+    if shown:
+        panels = []
+        for o in shown:
+            initial, final = _render(module, o, torch.stack((o.initial, o.final)))
+            row = next(r for r in rows if r["case"] == o.case and r["method"] == last)
+            panels.append({"title": f"case {o.case}: mTRE {row['initial_mtre_mm']:.1f} -> "
+                                    f"{row['final_mtre_mm']:.1f} mm ({last})",
+                           "target": o.target, "initial": initial, "final": final})
+        figures["overlays"] = save_overlays(panels, folder / "overlays.png")
+    animated = [o for o in outcomes if o.method == last and o.case == config.gif_case]
+    if animated and len(animated[0].poses):
+        o = animated[0]
+        keep = torch.linspace(0, len(o.poses) - 1, min(config.max_frames, len(o.poses))).long()
+        frames = _render(module, o, o.poses[keep])
+        titles = [f"{last} iteration {int(i)}" for i in keep]
+        figures["registration"] = save_registration_gif(frames, o.target,
+                                                        folder / "registration.gif",
+                                                        titles=titles)
+    table = markdown_table(summary)
+    print(f"\n{table}\nresults and figures: {folder}/")
+    logger = module.logger
+    if isinstance(logger, WandbLogger):
+        columns = list(rows[0]) if rows else []
+        logger.log_table("test/cases", columns=columns, data=[list(r.values()) for r in rows])
+        for name, path in figures.items():
+            if str(path).endswith(".png"):
+                logger.log_image(key=f"test/{name}", images=[str(path)])
+        logger.experiment.summary["test/summary_md"] = table

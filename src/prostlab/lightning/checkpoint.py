@@ -1,0 +1,59 @@
+"""Check a checkpoint against the model a config builds, before Lightning loads it.
+
+Checkpoints are read with ``torch.load(..., weights_only=True)``: tensors and plain containers
+only, never arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prostlab.errors import ProstlabError
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The contents of a prostlab checkpoint, safely; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProstlabError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0][:120]
+        raise ProstlabError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {reason}); expected a "
+            "file written by `prostlab fit`"
+        ) from exc
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ProstlabError(f"{path}: no state_dict; expected a checkpoint of `prostlab fit`")
+    return checkpoint
+
+
+def check_compatible(path: str | Path, model: torch.nn.Module) -> None:
+    """Raise if the checkpoint at ``path`` was trained for another camera or architecture."""
+    checkpoint = read_checkpoint(path)
+    saved = checkpoint.get("hyper_parameters", {})
+    ours = dict(model.hparams)
+    if "camera" in saved and saved["camera"] != ours.get("camera"):
+        raise ProstlabError(
+            f"{path}: trained for camera {saved['camera']}, but the config's model.camera is "
+            f"{ours.get('camera')}; expected the same detector geometry"
+        )
+    expected = model.state_dict()
+    for key, value in checkpoint["state_dict"].items():
+        if key not in expected:
+            raise ProstlabError(f"{path}: parameter {key} is not in the config's network "
+                                "(model.net); expected the architecture it was trained with")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ProstlabError(
+                f"{path}: {key} has shape {tuple(value.shape)}, the config's network (model.net) "
+                f"{tuple(expected[key].shape)}; expected the architecture it was trained with"
+            )
+    missing = sorted(set(expected) - set(checkpoint["state_dict"]))
+    if missing:
+        raise ProstlabError(f"{path}: lacks {missing[:3]}; expected the config's architecture "
+                            "(model.net)")

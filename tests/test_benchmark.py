@@ -1,0 +1,103 @@
+"""`prostlab test`: the registration benchmark end to end, its outputs, and its errors."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prostlab.data.noise import poisson_noise
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def prostlab(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "prostlab.cli", *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny network trained for two steps, and its folder."""
+    folder = tmp_path_factory.mktemp("trained")
+    done = prostlab(folder, "fit", "--config", str(TINY), "--trainer.max_steps", "2",
+                    "--trainer.limit_val_batches", "0", "--model.image_every_n_steps", "0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder, folder / "checkpoints" / "runs" / "tiny" / "last.ckpt"
+
+
+def read_cases(folder: Path) -> list[dict]:
+    with (folder / "results" / "tiny" / "cases.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_benchmark_writes_tables_figures_and_animation(trained):
+    folder, checkpoint = trained
+    done = prostlab(folder, "test", "--config", str(TINY), "--ckpt_path", str(checkpoint))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = folder / "results" / "tiny"
+    rows = read_cases(folder)
+    assert len(rows) == 4 * 2  # cases x methods
+    assert [r["method"] for r in rows[:2]] == ["gradncc", "net_gradncc"]
+    assert {int(r["case"]) for r in rows} == {0, 1, 2, 3}
+    summary = json.loads((out / "summary.json").read_text())
+    assert "gradncc" in json.dumps(summary) and "net_gradncc" in json.dumps(summary)
+    assert "net_gradncc" in (out / "summary.md").read_text()
+    for name in ("success_vs_initial.png", "mtre_cdf.png", "overlays.png", "registration.gif"):
+        assert (out / name).stat().st_size > 0, name
+    assert "net_gradncc" in done.stdout  # the table is printed
+
+
+def test_one_and_two_processes_give_the_same_table(trained, tmp_path):
+    folder, checkpoint = trained
+    two = tmp_path / "two"
+    two.mkdir()
+    done = prostlab(two, "test", "--config", str(TINY), "--ckpt_path", str(checkpoint),
+                    "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    if not (folder / "results" / "tiny" / "cases.csv").exists():
+        assert prostlab(folder, "test", "--config", str(TINY), "--ckpt_path",
+                        str(checkpoint)).returncode == 0
+    one_rows, two_rows = read_cases(folder), read_cases(two)
+    assert len(one_rows) == len(two_rows)
+    for a, b in zip(one_rows, two_rows, strict=True):
+        assert (a["case"], a["method"], a["status"], a["iterations"]) == (
+            b["case"], b["method"], b["status"], b["iterations"])
+        assert float(a["final_mtre_mm"]) == pytest.approx(float(b["final_mtre_mm"]), abs=1e-3)
+
+
+@pytest.mark.parametrize("problem", ["corrupt", "camera", "architecture"])
+def test_bad_checkpoint_is_one_line_naming_the_file(trained, tmp_path, problem):
+    folder, checkpoint = trained
+    args = ["test", "--config", str(TINY)]
+    if problem == "corrupt":
+        bad = tmp_path / "corrupt.ckpt"
+        bad.write_bytes(checkpoint.read_bytes()[:1000])
+        args += ["--ckpt_path", str(bad)]
+    elif problem == "camera":
+        args += ["--ckpt_path", str(checkpoint), "--model.camera.height", "20"]
+    else:
+        args += ["--ckpt_path", str(checkpoint), "--model.net.embedding_dim", "12"]
+    done = prostlab(tmp_path, *args)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "ckpt" in last and "Traceback" not in done.stderr
+    assert {"corrupt": "not a readable checkpoint", "camera": "camera",
+            "architecture": "architecture"}[problem] in last
+
+
+def test_poisson_noise_is_seeded_and_scales_with_dose():
+    clean = torch.full((64, 64), 2.0)
+    low = poisson_noise(clean, 1e3, torch.Generator().manual_seed(0))
+    high = poisson_noise(clean, 1e6, torch.Generator().manual_seed(0))
+    again = poisson_noise(clean, 1e3, torch.Generator().manual_seed(0))
+    assert torch.equal(low, again)
+    assert abs(high.mean().item() - 2.0) < 1e-2 and abs(low.mean().item() - 2.0) < 5e-2
+    assert low.std() > 5 * high.std()
+    assert poisson_noise(clean, None) is clean
