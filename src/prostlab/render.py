@@ -6,7 +6,6 @@ vector in degrees (axis times angle, docs/geometry.md) and ``(tx, ty, tz)`` a tr
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from prostlab.csv_table import csv_rows
 from prostlab.data import Volume, load_image, load_prepared
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera
@@ -45,23 +45,12 @@ def poses_from_degrees(rows: Sequence[Sequence[float]]) -> torch.Tensor:
 def read_pose_csv(path: str | Path) -> torch.Tensor:
     """(N, 6) poses (rad, mm) from a CSV with the header ``rx_deg,ry_deg,rz_deg,tx_mm,ty_mm,tz_mm``."""
     path = Path(path)
-    try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in POSE_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ProstlabError(
-                    f"{path}: missing column(s) {missing}; expected a header "
-                    f"{','.join(POSE_COLUMNS)}"
-                )
-            rows = []
-            for line, row in enumerate(reader, start=2):
-                try:
-                    rows.append([float(row[c]) for c in POSE_COLUMNS])
-                except (TypeError, ValueError) as exc:
-                    raise ProstlabError(f"{path}, line {line}: expected 6 numbers ({exc})") from exc
-    except OSError as exc:
-        raise ProstlabError(f"{path}: cannot read the pose table ({exc.strerror})") from exc
+    rows = []
+    for line, row in csv_rows(path, POSE_COLUMNS):
+        try:
+            rows.append([float(row[c]) for c in POSE_COLUMNS])
+        except (TypeError, ValueError) as exc:
+            raise ProstlabError(f"{path}, line {line}: expected 6 numbers ({exc})") from exc
     if not rows:
         raise ProstlabError(f"{path}: no poses; expected at least one row after the header")
     poses = poses_from_degrees(rows)

@@ -16,7 +16,6 @@ The segmented CT is ``mu_bone = mu * mask`` with ``mask = [label in ids]``.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from prostlab.csv_table import csv_rows
 from prostlab.errors import ProstlabError
 
 PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -55,22 +55,12 @@ def read_structures(path: str | Path) -> list[Structure]:
             f"{path}: no such file; expected a CSV class table with columns "
             f"{', '.join(STRUCTURE_COLUMNS)}"
         )
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in STRUCTURE_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ProstlabError(
-                f"{path}: lacks the column(s) {', '.join(missing)}; expected a header with "
-                f"{', '.join(STRUCTURE_COLUMNS)}"
-            )
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                rows.append(Structure(row["group"], row["structure"], int(row["id"])))
-            except (TypeError, ValueError) as exc:
-                raise ProstlabError(
-                    f"{path}, line {line}: id {row['id']!r} is not an integer"
-                ) from exc
+    rows = []
+    for line, row in csv_rows(path, STRUCTURE_COLUMNS):
+        try:
+            rows.append(Structure(row["group"], row["structure"], int(row["id"])))
+        except (TypeError, ValueError) as exc:
+            raise ProstlabError(f"{path}, line {line}: id {row['id']!r} is not an integer") from exc
     return rows
 
 

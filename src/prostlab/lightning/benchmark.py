@@ -21,6 +21,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from prostlab.data.noise import poisson_noise
 from prostlab.data.poses import case_generator
 from prostlab.errors import ProstlabError
+from prostlab.lightning.benchmark_output import write_benchmark
 from prostlab.metrics.functional import (
     mean_projection_distance,
     mtre,
@@ -28,7 +29,6 @@ from prostlab.metrics.functional import (
     translation_error,
 )
 from prostlab.registration import Schedule, load_schedule, register
-from prostlab.lightning.benchmark_output import write_benchmark
 
 DEFAULT_METHODS = {"gradncc": "gradncc", "ncc": "ncc", "net": "net",
                    "net_gradncc": "net_gradncc"}
