@@ -9,10 +9,19 @@
 // kernels whose threads never wait for one another, which is why the kernels avoid shared memory
 // and __syncthreads (left undefined here, so that using them fails to compile):
 //
-//   * atomicAdd is a plain read-add-write (one thread runs at a time);
+//   * atomicAdd is a plain read-add-write (one thread runs at a time), or an `omp atomic` update
+//     when built with -fopenmp (see below);
 //   * warpSize is 1, so a warp reduction is the identity and every thread is its warp's lane 0:
 //     the pose-gradient sum becomes one add per ray instead of one per warp. The shuffle tree
 //     itself runs only on a GPU.
+//
+// Built with -fopenmp (the "cpu" backend), a launch runs its blocks in parallel, one OpenMP
+// thread per block at a time (schedule(dynamic)), each block's threads still one after another
+// on that OpenMP thread; the warp stays one thread wide, so the warp reductions remain exact.
+// atomicAdd is then an `omp atomic` update (float and double alike), the only memory that blocks
+// share being what the kernels write with atomicAdd. The order of those adds varies from run to
+// run, so results agree with the single-threaded build to rounding, not bit for bit.
+// prost_host_set_threads(n) sets the number of threads launches use (n <= 0: OpenMP's default).
 //
 // Each kernel listed with PROST_HOST_EXPORT(name) gets an entry point
 //
@@ -29,6 +38,10 @@
 #include <cstddef>
 #include <type_traits>
 #include <utility>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define PROST_HOST_EMULATION 1
 
@@ -57,9 +70,19 @@ constexpr int warpSize = 1;
 
 template <typename T>
 inline T atomicAdd(T* address, T value) {
+#ifdef _OPENMP
+  T old;
+#pragma omp atomic capture
+  {
+    old = *address;
+    *address += value;
+  }
+  return old;
+#else
   const T old = *address;
   *address = old + value;
   return old;
+#endif
 }
 
 template <typename T>
@@ -80,25 +103,34 @@ inline void call(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
   kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
 }
 
-// Run kernel<<<grid, block>>>(args...) as nested loops over blocks and threads.
+// The threads a launch uses (<= 0: OpenMP's default); ignored without OpenMP.
+inline int num_threads = 0;
+
+// Run kernel<<<grid, block>>>(args...) as loops over blocks and, inside each, over its threads.
 template <typename... A>
 inline void launch(void (*kernel)(A...), dim3 grid, dim3 block, void** args) {
-  gridDim = grid;
-  blockDim = block;
-  for (unsigned int bz = 0; bz < grid.z; ++bz)
-    for (unsigned int by = 0; by < grid.y; ++by)
-      for (unsigned int bx = 0; bx < grid.x; ++bx) {
-        blockIdx = {bx, by, bz};
-        for (unsigned int tz = 0; tz < block.z; ++tz)
-          for (unsigned int ty = 0; ty < block.y; ++ty)
-            for (unsigned int tx = 0; tx < block.x; ++tx) {
-              threadIdx = {tx, ty, tz};
-              call(kernel, args, std::index_sequence_for<A...>{});
-            }
-      }
+  const long long blocks = (long long)grid.x * grid.y * grid.z;
+#ifdef _OPENMP
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+#endif
+  for (long long i = 0; i < blocks; ++i) {
+    gridDim = grid;  // thread-local: set on every OpenMP thread
+    blockDim = block;
+    blockIdx = {(unsigned int)(i % grid.x), (unsigned int)(i / grid.x % grid.y),
+                (unsigned int)(i / ((long long)grid.x * grid.y))};
+    for (unsigned int tz = 0; tz < block.z; ++tz)
+      for (unsigned int ty = 0; ty < block.y; ++ty)
+        for (unsigned int tx = 0; tx < block.x; ++tx) {
+          threadIdx = {tx, ty, tz};
+          call(kernel, args, std::index_sequence_for<A...>{});
+        }
+  }
 }
 
 }  // namespace prost_host
+
+extern "C" void prost_host_set_threads(int n) { prost_host::num_threads = n; }
 
 #define PROST_HOST_EXPORT(kernel)                                                          \
   extern "C" void kernel##_host(unsigned int gx, unsigned int gy, unsigned int gz,         \

@@ -26,7 +26,10 @@ class Projector(nn.Module):
     Args:
         camera: the cone-beam camera (detector size, distances, pixel spacing).
         step: distance between samples along a ray, mm.
-        backend: "torch", "cupy", or "auto" (cupy for CUDA tensors when CuPy imports).
+        backend: "torch" (the reference), "cupy" (CUDA kernels), "cpu" (the same kernels built
+            for the CPU with OpenMP, on ``torch.get_num_threads()`` threads), or "auto" (cupy
+            for CUDA tensors when CuPy imports; cpu for CPU tensors when its kernels build,
+            else torch).
         max_samples: samples per chunk of rays (torch backend); bounds the memory in use.
     """
 

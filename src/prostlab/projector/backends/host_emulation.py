@@ -7,6 +7,8 @@ a shared library from the very ``.cu`` files that CuPy compiles for the GPU. The
 :class:`~prostlab.projector.backends.cupy_backend.CupyBackend`, on CPU tensors, which lets the
 tests compare the kernels with the torch backend, and run gradcheck / gradgradcheck through them,
 on a machine without a GPU. It is slow (one thread at a time) and meant for tests and checks.
+The same builder makes the OpenMP build behind the ``cpu`` backend
+(:mod:`~prostlab.projector.backends.cpu_kernels`, :data:`VARIANTS`).
 
 The library is cached under ``$PROSTLAB_CACHE`` (default ``~/.cache/prostlab``), keyed by a hash of
 the sources and the compiler command.
@@ -38,6 +40,17 @@ CXXFLAGS = (
 )
 """g++ flags: no FMA contraction, so that the host arithmetic rounds like the torch reference."""
 
+VARIANTS = {
+    "emulation": CXXFLAGS,
+    "cpu": (
+        "-x", "c++", "-std=c++17", "-O3", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off",
+        "-Wall", "-Wextra", "-Wno-unknown-pragmas",
+    ),
+}
+"""The two builds of prost.cu: ``emulation`` (single-threaded, for the tests) and ``cpu`` (blocks
+run in parallel with OpenMP: :mod:`~prostlab.projector.backends.cpu_kernels`). Both keep IEEE
+arithmetic without FMA contraction."""
+
 _lock = threading.Lock()
 _libraries: dict[Path, ctypes.CDLL] = {}
 
@@ -58,43 +71,52 @@ def compiler() -> str | None:
     return None
 
 
-def build_host_library(directory: Path | None = None) -> Path:
-    """Compile prost.cu for the host (once per source hash) and return the library's path.
+def build_host_library(directory: Path | None = None, variant: str = "emulation") -> Path:
+    """Compile prost.cu for the host (once per source hash and flags) and return the library.
+
+    ``variant`` picks the flags (:data:`VARIANTS`).
 
     Raises:
-        ProstlabError: no C++ compiler, or the sources do not compile (with the compiler's log).
+        ProstlabError: no C++ compiler, or the sources do not compile (the message's first line
+            quotes the compiler's first error; the full log follows).
     """
+    flags = VARIANTS[variant]
     cxx = compiler()
     if cxx is None:
-        raise ProstlabError("host emulation: expected a C++ compiler (g++ or $CXX) on the PATH")
+        raise ProstlabError(f"{variant} kernels: expected a C++ compiler (g++ or $CXX) on the PATH")
     root = importlib.resources.files("prostlab.kernels")
     with importlib.resources.as_file(root) as kernels:
         kernels = Path(kernels)
-        digest = hashlib.sha256(" ".join((cxx, *CXXFLAGS)).encode())
+        digest = hashlib.sha256(" ".join((cxx, *flags)).encode())
         for name in SOURCES:
             digest.update((kernels / name).read_bytes())
         directory = Path(directory) if directory is not None else cache_dir()
-        library = directory / f"prost_host_{digest.hexdigest()[:16]}.so"
+        prefix = "prost_host" if variant == "emulation" else f"prost_{variant}"
+        library = directory / f"{prefix}_{digest.hexdigest()[:16]}.so"
         if library.is_file():
             return library
         directory.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
-        command = [cxx, *CXXFLAGS, "-include", str(kernels / "emulation" / "cuda_host.h"),
+        command = [cxx, *flags, "-include", str(kernels / "emulation" / "cuda_host.h"),
                    str(kernels / "prost.cu"), "-o", partial]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             os.unlink(partial)
+            log = result.stderr.strip()
+            lines = log.splitlines() or ["(no output)"]
+            first = next((line for line in lines if "error" in line), lines[0])
             raise ProstlabError(
-                f"host emulation: {' '.join(command)} failed:\n{result.stderr.strip()}"
+                f"{variant} kernels: {os.path.basename(cxx)} failed to compile prost.cu: "
+                f"{first}\n{' '.join(command)}\n{log}"
             )
         os.replace(partial, library)  # atomic: concurrent builders agree on the result
     return library
 
 
-def load_host_library(directory: Path | None = None) -> ctypes.CDLL:
-    """The host library, built if needed and loaded once per process."""
-    path = build_host_library(directory)
+def load_host_library(directory: Path | None = None, variant: str = "emulation") -> ctypes.CDLL:
+    """The host library of ``variant``, built if needed and loaded once per process."""
+    path = build_host_library(directory, variant)
     with _lock:
         if path not in _libraries:
             _libraries[path] = ctypes.CDLL(str(path))
@@ -110,13 +132,27 @@ class HostKernelBackend(KernelBackend):
     """
 
     name = "host"
+    variant = "emulation"
 
     def __init__(self, directory: Path | None = None):
-        self._library = load_host_library(directory)
+        self._library = load_host_library(directory, self.variant)
+        self._entries: dict[str, ctypes._CFuncPtr] = {}
+
+    def _entry(self, kernel: str):
+        entry = self._entries.get(kernel)
+        if entry is None:
+            entry = getattr(self._library, f"{kernel}_host")
+            entry.restype = None
+            entry.argtypes = [ctypes.c_uint] * 6 + [ctypes.POINTER(ctypes.c_void_p)]
+            self._entries[kernel] = entry
+        return entry
+
+    def _prepare_launch(self) -> None:
+        """Hook run before each launch (the cpu backend sets its thread count here)."""
 
     def _launch(self, kernel, grid, block, args, like):
         if like.device.type != "cpu":
-            raise ProstlabError(f"host emulation: expected CPU tensors, got {like.device}")
+            raise ProstlabError(f"backend={self.name!r}: expected CPU tensors, got {like.device}")
         real = ctypes.c_float if like.dtype == torch.float32 else ctypes.c_double
         values = []
         for kind, value in args:
@@ -127,7 +163,6 @@ class HostKernelBackend(KernelBackend):
             else:
                 values.append(real(value))
         pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-        entry = getattr(self._library, f"{kernel}_host")
-        entry.restype = None
-        entry.argtypes = [ctypes.c_uint] * 6 + [ctypes.POINTER(ctypes.c_void_p)]
-        entry(*grid, *block, pointers)
+        entry = self._entry(kernel)
+        self._prepare_launch()
+        entry(*grid, *block, pointers)  # ctypes releases the GIL for the call

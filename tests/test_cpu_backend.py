@@ -1,0 +1,156 @@
+"""The ``cpu`` backend: prost.cu built for the host with OpenMP, against the torch reference.
+
+The cases and tolerances are those of the host-emulation tests (test_cuda_kernels.py), run on 2
+threads; a shared volume under a batch of poses whose rays cross the same voxels exercises the
+atomic scatter that races would corrupt.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from prostlab.errors import ProstlabError
+from prostlab.geometry import Camera
+from prostlab.projector import Projector
+from prostlab.projector.autograd import project
+from prostlab.projector.backends import BACKENDS, resolve_backend
+from prostlab.projector.backends.cpu_kernels import (
+    CpuKernelBackend,
+    cpu_backend,
+    cpu_kernels_available,
+)
+from prostlab.projector.backends.host_emulation import VARIANTS, build_host_library, compiler
+from prostlab.projector.backends.torch_backend import TorchBackend
+from prostlab.projector.rays import RayBundle
+from test_cuda_kernels import (
+    TOLERANCE,
+    camera_case,
+    compare_primitives,
+    exact_case,
+    relative_error,
+    tiny_problem,
+)
+
+pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="cpu kernels do not build")
+
+
+@pytest.fixture
+def cpu():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield cpu_backend()
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("scenario", ["centred", "face", "miss"])
+@pytest.mark.parametrize(("bv", "channels"), [(1, 1), (2, 3), (1, 3)])
+def test_cpu_kernels_match_torch(cpu, scenario, bv, channels, dtype):
+    rays, vol, M, dM, g = camera_case(scenario, dtype, bv, channels)
+    compare_primitives(cpu, TorchBackend(), rays, vol, M, dM, g, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_cpu_kernels_match_torch_on_faces(cpu, dtype):
+    compare_primitives(cpu, TorchBackend(), *exact_case(dtype), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_shared_volume_scatter_has_no_races(cpu, dtype):
+    """Many rays (two poses, 32 x 32 pixels, 16 blocks) into one small shared volume: every voxel gets
+    adds from many blocks on both threads; a lost update would show far above rounding."""
+    camera = Camera(sdd=200.0, sid=120.0, height=32, width=32, pixel_spacing=(1.0, 1.0))
+    grid, spacing = (6, 5, 7), (2.0, 2.0, 2.0)
+    rays = RayBundle.from_camera(camera, spacing, grid, 0.5, dtype, "cpu")
+    g = torch.Generator().manual_seed(3)
+    vol = torch.rand(1, 2, *grid, generator=g, dtype=torch.float64).to(dtype)
+    M = torch.tensor([[1.0, 0, 0, 0.1], [0, 1, 0, -0.2], [0, 0, 1, -120.0]], dtype=torch.float64)
+    M = torch.stack((M, M + torch.tensor([0.0, 0, 0, 0.3]))).to(dtype)
+    dM = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).to(dtype)
+    cot = torch.randn(2, 2, rays.directions.shape[0], generator=g, dtype=torch.float64).to(dtype)
+    assert int(rays.sample_range(M)[1].sum()) > 100 * vol[0, 0].numel()  # 800 adds a voxel
+    errors = compare_primitives(cpu, TorchBackend(), rays, vol, M, dM, cot, TOLERANCE[dtype])
+    assert errors["vjp vol"] < TOLERANCE[dtype] and errors["jvp_vjp vol"] < TOLERANCE[dtype]
+
+
+def test_gradcheck_and_gradgradcheck_through_cpu_kernels(cpu):
+    rays, vol, M = tiny_problem(6, channels=2)
+    assert torch.autograd.gradcheck(lambda v, m: project(v, m, rays, cpu), (vol, M))
+    rays, vol, M = tiny_problem(7, channels=1)
+    assert torch.autograd.gradgradcheck(lambda v, m: project(v, m, rays, cpu), (vol, M))
+
+
+def test_gradcheck_through_projector_with_cpu_backend(cpu):
+    g = torch.Generator().manual_seed(4)
+    camera = Camera(sdd=60.0, sid=40.0, height=4, width=5, pixel_spacing=(2.0, 1.8))
+    volume = torch.rand(1, 1, 4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    pose = torch.cat((torch.rand(1, 3, generator=g) * 0.4, torch.rand(1, 3, generator=g)), 1)
+    pose = pose.to(torch.float64).requires_grad_()
+    projector = Projector(camera, step=0.7, backend="cpu")
+
+    def render(v, p):
+        return projector(v, (1.0, 1.2, 0.9), p)
+
+    assert torch.autograd.gradcheck(render, (volume, pose))
+    assert torch.autograd.gradgradcheck(render, (volume, pose))
+    reference = Projector(camera, step=0.7, backend="torch")(volume, (1.0, 1.2, 0.9), pose)
+    assert relative_error(render(volume, pose), reference) < 1e-10
+
+
+def test_auto_picks_cpu_on_cpu_tensors():
+    assert "cpu" in BACKENDS
+    assert isinstance(resolve_backend("auto", torch.device("cpu"), 1 << 18), CpuKernelBackend)
+    assert isinstance(resolve_backend("torch", torch.device("cpu"), 1 << 18), TorchBackend)
+    assert resolve_backend("cpu", torch.device("cpu"), 1 << 18).name == "cpu"
+
+
+def test_cpu_backend_refuses_cuda_tensors(cpu):
+    with pytest.raises(ProstlabError, match="backend='cpu' needs CPU tensors"):
+        resolve_backend("cpu", torch.device("cuda"), 1 << 18)
+    if torch.cuda.is_available():
+        camera = Camera(sdd=60.0, sid=40.0, height=4, width=5, pixel_spacing=(2.0, 1.8))
+        with pytest.raises(ProstlabError, match="CPU tensors"):
+            Projector(camera, backend="cpu")(
+                torch.rand(1, 1, 4, 3, 5, device="cuda"),
+                (1.0, 1.0, 1.0),
+                torch.zeros(1, 6, device="cuda"),
+            )
+
+
+def test_thread_count_follows_torch(cpu):
+    """Results with 1 and 2 threads agree to rounding (the atomics' order differs)."""
+    rays, vol, M, dM, g = camera_case("centred", torch.float64, 1, 2)
+    two = cpu.vjp(rays, vol, M, g)
+    torch.set_num_threads(1)
+    one = cpu.vjp(rays, vol, M, g)
+    for a, b in zip(one, two, strict=True):
+        assert relative_error(a, b) < 1e-12
+
+
+def test_cpu_build_is_warning_free():
+    kernels = Path(__file__).resolve().parents[1] / "kernels"
+    flags = [f for f in VARIANTS["cpu"] if f not in ("-shared", "-fPIC")]
+    result = subprocess.run(
+        [
+            compiler(),
+            *flags,
+            "-fsyntax-only",
+            "-Werror",
+            "-include",
+            str(kernels / "emulation" / "cuda_host.h"),
+            str(kernels / "prost.cu"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_compile_error_names_the_first_error_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(VARIANTS, "cpu", (*VARIANTS["cpu"], "-fno-such-option-prostlab"))
+    with pytest.raises(ProstlabError, match="cpu kernels: .*failed to compile.*no-such-option"):
+        build_host_library(tmp_path, "cpu")
