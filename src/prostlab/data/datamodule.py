@@ -34,21 +34,31 @@ SPLITS = ("train", "val", "test")
 
 
 class PoseCaseDataset(Dataset):
-    """``n`` seeded registration cases spread over the volumes ``volume_indices`` in turn."""
+    """Seeded registration cases ``start .. n - 1`` spread over the volumes in turn.
+
+    ``start`` skips the cases a resumed run has already trained on.
+    """
 
     def __init__(
-        self, volume_indices: Sequence[int], sampler: PoseSampler, n: int, seed: int, split: str
+        self,
+        volume_indices: Sequence[int],
+        sampler: PoseSampler,
+        n: int,
+        seed: int,
+        split: str,
+        start: int = 0,
     ):
         self.volume_indices = list(volume_indices)
-        self.sampler, self.n, self.seed = sampler, int(n), int(seed)
+        self.sampler, self.n, self.seed, self.start = sampler, int(n), int(seed), int(start)
         self.split_key = SPLITS.index(split)
 
     def __len__(self) -> int:
-        return self.n
+        return max(self.n - self.start, 0)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.n:
-            raise IndexError(index)
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        if not 0 <= position < len(self):
+            raise IndexError(position)
+        index = self.start + position
         gt, initial = self.sampler.sample(1, case_generator(self.seed, self.split_key, index))
         return {
             "volume_index": self.volume_indices[index % len(self.volume_indices)],
@@ -206,10 +216,10 @@ class PoseDataModule(pl.LightningDataModule):
                     )
 
     # ---------------------------------------------------------------------------- datasets
-    def dataset(self, split: str) -> PoseCaseDataset:
-        """The cases of ``split`` ("train", "val" or "test")."""
+    def dataset(self, split: str, start: int = 0) -> PoseCaseDataset:
+        """The cases of ``split`` ("train", "val" or "test") from case ``start`` on."""
         return PoseCaseDataset(
-            self.split[split], self.samplers[split], self.counts[split], self.seed, split
+            self.split[split], self.samplers[split], self.counts[split], self.seed, split, start
         )
 
     def per_process_batch(self) -> int:
@@ -222,8 +232,8 @@ class PoseDataModule(pl.LightningDataModule):
             )
         return self.batch_size // world
 
-    def _loader(self, split: str) -> DataLoader:
-        dataset = self.dataset(split)
+    def _loader(self, split: str, start: int = 0) -> DataLoader:
+        dataset = self.dataset(split, start)
         world = self.trainer.world_size if self.trainer is not None else 1
         # In order across processes too: rank r reads cases r, r + world, ..., so a step's
         # global batch holds the cases one process would read (Lightning's sampler shuffles).
@@ -242,7 +252,9 @@ class PoseDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+        # A resumed run continues with the cases after those of its restored steps.
+        step = self.trainer.global_step if self.trainer is not None else 0
+        return self._loader("train", start=step * self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
