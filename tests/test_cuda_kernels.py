@@ -20,6 +20,7 @@ from prostlab.geometry import Camera, so3_exp
 from prostlab.projector import Projector
 from prostlab.projector import projector as projector_module
 from prostlab.projector.autograd import project
+from prostlab.projector.backends import cupy_available
 from prostlab.projector.backends.cupy_backend import CupyBackend, kernel_source
 from prostlab.projector.backends.host_emulation import HostKernelBackend, compiler
 from prostlab.projector.backends.torch_backend import TorchBackend
@@ -31,19 +32,8 @@ NVCC = shutil.which("nvcc")
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
-def _cupy_works() -> bool:
-    try:
-        import cupy
-    except ImportError:
-        return False
-    try:
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001 - a broken CUDA install means "no GPU"
-        return False
-
-
 requires_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and _cupy_works()), reason="needs CUDA and CuPy"
+    not (torch.cuda.is_available() and cupy_available()), reason="needs CUDA and CuPy"
 )
 
 
@@ -122,8 +112,9 @@ def face_margin(rays: RayBundle, M: torch.Tensor) -> float:
     derivatives only where this margin exceeds that. Exact zeros are exactly computed positions
     (on a face by construction) and are skipped.
     """
-    rays = RayBundle(rays.directions.double(), rays.lengths.double(), rays.spacing, rays.grid,
-                     rays.step)
+    rays = RayBundle(
+        rays.directions.double(), rays.lengths.double(), rays.spacing, rays.grid, rays.step
+    )
     M = M.double()
     k_first, count = rays.sample_range(M)
     w = torch.einsum("bij,pj->bpi", M[:, :, :3], rays.directions)
@@ -157,8 +148,9 @@ def exact_case(dtype, seed: int = 1):
     """
     grid, spacing, step = (6, 7, 8), (0.5, 1.0, 2.0), 0.25
     axes = torch.eye(3, dtype=torch.float64)
-    oblique = torch.tensor([[0.5, 0.75, 0.0], [0.0, 0.625, -0.75], [-0.5, 0.75, 0.0]],
-                           dtype=torch.float64)
+    oblique = torch.tensor(
+        [[0.5, 0.75, 0.0], [0.0, 0.625, -0.75], [-0.5, 0.75, 0.0]], dtype=torch.float64
+    )
     directions = torch.cat((axes, -axes, oblique))
     lengths = torch.tensor([64.0, 3.0, 64.0, 1.5, 64.0, 64.0, 64.0, 2.75, 64.0])
     rays = RayBundle(directions.to(dtype), lengths.to(dtype), spacing, grid, step)
@@ -172,8 +164,12 @@ def exact_case(dtype, seed: int = 1):
     flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64))
     A = torch.stack((identity, cycle, flip, identity))
     c = torch.tensor(
-        [position((2.0, 3.5, 4.25)), position((-1.0, 0.0, 7.0)), position((6.0, 2.5, 0.5)),
-         position((3.0, -4.0, 3.0))],
+        [
+            position((2.0, 3.5, 4.25)),
+            position((-1.0, 0.0, 7.0)),
+            position((6.0, 2.5, 0.5)),
+            position((3.0, -4.0, 3.0)),
+        ],
         dtype=torch.float64,
     )
     M = torch.cat((A, c[..., None]), dim=2).to(dtype)
@@ -231,9 +227,20 @@ def test_kernels_compile_to_ptx_without_warnings(arch, tmp_path):
 @pytest.mark.skipif(compiler() is None, reason="needs a C++ compiler")
 def test_host_build_is_warning_free():
     result = subprocess.run(
-        [compiler(), "-x", "c++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
-         "-Wno-unknown-pragmas", "-include", str(KERNELS / "emulation" / "cuda_host.h"),
-         str(KERNELS / "prost.cu")],
+        [
+            compiler(),
+            "-x",
+            "c++",
+            "-std=c++17",
+            "-fsyntax-only",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-Wno-unknown-pragmas",
+            "-include",
+            str(KERNELS / "emulation" / "cuda_host.h"),
+            str(KERNELS / "prost.cu"),
+        ],
         capture_output=True,
         text=True,
     )
@@ -443,4 +450,3 @@ def _to_cuda(rays, *tensors, device="cuda"):
         rays.directions.to(device), rays.lengths.to(device), rays.spacing, rays.grid, rays.step
     )
     return (moved, *(t.to(device) for t in tensors))
-
