@@ -18,10 +18,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# A short registration benchmark with the shipped network on the bundled chest CT (CPU, 10 cases
+# per method, iterations capped at 60), then DRRs of it at three poses.
 demo: setup
+	$(BIN)/prostlab test --config configs/cpu.yaml --ckpt_path checkpoints/prost_cpu_chest.ckpt \
+		--data.test_samples 10 --data.batch_size 10 --model.benchmark.max_iterations 60 \
+		--model.benchmark.output_dir results/demo --trainer.logger.init_args.save_dir runs/demo
 	$(BIN)/prostlab render --pose 0 0 0 0 0 0 --pose 0 0 90 0 0 0 --pose 20 0 0 0 0 0 \
-		--colorbar --out results/demo
-	@echo "DRRs of the bundled chest CT are in results/demo/"
+		--colorbar --out results/demo/drr
+	@echo "benchmark tables, figures and DRRs: results/demo/"
 
 test: setup
 	$(BIN)/python -m pytest -q

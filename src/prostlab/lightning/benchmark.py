@@ -10,6 +10,7 @@ rows of all processes are gathered, sorted by case, and written as ``cases.csv``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class BenchmarkConfig:
         overlays: cases drawn in the overlay figure.
         gif_case: the case whose registration (by the last method) is animated; None: none.
         max_frames: frames of the animation at most.
+        max_iterations: caps every method's ``max_total_iterations`` (for short runs on a CPU;
+            None keeps the schedules' own caps).
     """
 
     methods: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_METHODS))
@@ -56,6 +59,7 @@ class BenchmarkConfig:
     overlays: int = 4
     gif_case: int | None = 0
     max_frames: int = 60
+    max_iterations: int | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> BenchmarkConfig:
@@ -81,6 +85,9 @@ class BenchmarkConfig:
                              else Schedule.from_config(schedule))
             except ProstlabError as exc:
                 raise ProstlabError(f"model.benchmark.methods.{name}: {exc}") from exc
+            if self.max_iterations is not None:
+                cap = min(out[name].max_total_iterations, int(self.max_iterations))
+                out[name] = dataclasses.replace(out[name], max_total_iterations=cap)
         return out
 
 
