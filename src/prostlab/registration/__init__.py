@@ -1,0 +1,46 @@
+"""Registration: staged, batched, multi-start optimisation of poses on SE(3).
+
+- :class:`Stage`, :class:`Schedule`: what runs (similarity, optimiser, step sizes, plateau rule),
+  built from config; :func:`load_schedule` reads the presets of ``configs/registration/``.
+- :func:`register`: register X-rays to volumes with the similarities of
+  :mod:`prostlab.similarity`; :func:`optimise`: the same engine on any objectives.
+- :class:`RegistrationRecord`, :class:`RegistrationResult`: per-case histories and outcomes.
+
+See ``docs/registration.md``.
+"""
+
+from prostlab.registration.engine import (
+    STATUSES,
+    ObjectiveFactory,
+    RegistrationRecord,
+    RegistrationResult,
+    optimise,
+    register,
+    stack_final_poses,
+)
+from prostlab.registration.schedule import (
+    OPTIMIZERS,
+    PRESET_DIR,
+    SIMILARITIES,
+    Schedule,
+    Stage,
+    load_schedule,
+    preset_names,
+)
+
+__all__ = [
+    "OPTIMIZERS",
+    "PRESET_DIR",
+    "SIMILARITIES",
+    "STATUSES",
+    "ObjectiveFactory",
+    "RegistrationRecord",
+    "RegistrationResult",
+    "Schedule",
+    "Stage",
+    "load_schedule",
+    "optimise",
+    "preset_names",
+    "register",
+    "stack_final_poses",
+]
