@@ -29,7 +29,7 @@ from prostlab.metrics.functional import (
     rotation_error,
     translation_error,
 )
-from prostlab.registration import Schedule, load_schedule, register
+from prostlab.registration import Schedule, as_schedule, register
 
 DEFAULT_METHODS = {"gradncc": "gradncc", "ncc": "ncc", "net": "net",
                    "net_gradncc": "net_gradncc"}
@@ -81,8 +81,7 @@ class BenchmarkConfig:
         out = {}
         for name, schedule in self.methods.items():
             try:
-                out[name] = (load_schedule(schedule) if isinstance(schedule, str)
-                             else Schedule.from_config(schedule))
+                out[name] = as_schedule(schedule)
             except ProstlabError as exc:
                 raise ProstlabError(f"model.benchmark.methods.{name}: {exc}") from exc
             if self.max_iterations is not None:

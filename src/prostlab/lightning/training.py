@@ -32,7 +32,7 @@ from prostlab.lightning.panels_log import log_panels
 from prostlab.lightning.volume_bank import VolumeBank
 from prostlab.metrics import MeanTargetRegistrationError, SuccessRate
 from prostlab.projector import Projector
-from prostlab.registration import Schedule, load_schedule, register
+from prostlab.registration import as_schedule, register
 from prostlab.similarity import (
     ConvexSimilarityNet,
     geodesic_gradient_loss,
@@ -84,7 +84,9 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
         self.net = ConvexSimilarityNet(
             Projector(self.camera, step=step, backend=backend), **(net or {})
         )
-        self.registration = validation_registration and _registration(validation_registration)
+        self.registration = validation_registration and as_schedule(
+            validation_registration.get("schedule", "net_gradncc")
+        )
         self.val_loss, self.val_convex = MeanMetric(), MeanMetric()
         self.val_cos_rot, self.val_cos_trans = MeanMetric(), MeanMetric()
         self.val_mtre = MeanTargetRegistrationError()
@@ -208,7 +210,3 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
-
-def _registration(config: dict[str, Any]) -> Schedule:
-    schedule = config.get("schedule", "net_gradncc")
-    return load_schedule(schedule) if isinstance(schedule, str) else Schedule.from_config(schedule)

@@ -38,6 +38,7 @@ from prostlab.registration.schedule import Schedule, Stage, load_schedule
 
 __all__ = [
     "STATUSES",
+    "as_schedule",
     "ObjectiveFactory",
     "RegistrationRecord",
     "RegistrationResult",
@@ -154,7 +155,8 @@ def _initial_poses(initial_poses: object) -> Tensor:
     return poses.detach()
 
 
-def _coerce_schedule(schedule: object) -> Schedule:
+def as_schedule(schedule: object) -> Schedule:
+    """A :class:`Schedule` from itself, a preset name or YAML path, or its config mapping."""
     if isinstance(schedule, Schedule):
         return schedule
     if isinstance(schedule, (str, Path)):
@@ -227,7 +229,7 @@ def optimise(
     Returns:
         The :class:`RegistrationResult`: per target the best start, and all starts.
     """
-    schedule = _coerce_schedule(schedule)
+    schedule = as_schedule(schedule)
     starts = _initial_poses(initial_poses)
     n_targets, n_starts = starts.shape[:2]
     target_of = torch.arange(n_targets).repeat_interleave(n_starts)
@@ -400,7 +402,7 @@ def register(
     """
     from prostlab.similarity.objective import make_objective
 
-    schedule = _coerce_schedule(schedule)
+    schedule = as_schedule(schedule)
     camera = getattr(projector, "camera", None)
     if camera is None:
         raise ProstlabError(
