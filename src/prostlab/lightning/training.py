@@ -35,6 +35,7 @@ from prostlab.projector import Projector
 from prostlab.registration import as_schedule, register
 from prostlab.similarity import (
     ConvexSimilarityNet,
+    geodesic_direction_loss,
     geodesic_gradient_loss,
     minmax_normalise,
     pose_gradient,
@@ -141,10 +142,23 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         with torch.inference_mode(False), torch.enable_grad():
             batch = {k: v.clone() for k, v in batch.items()}  # inference tensors -> normal
-            self.val_loss.update(self.case_losses(batch).detach())
-            self._convexity(batch)
-            if self.registration is not None:
-                self._registrations(batch)
+            gt, current = batch["gt_pose"], batch["initial_pose"]
+            for view, sel in self.volumes.groups(batch["volume_index"]):
+                # One target and one pose gradient per case serve the loss and the convexity.
+                target = self.targets(view, gt[sel])
+                _, g = pose_gradient(
+                    lambda pose, v=view, t=target: self.net(v.bone, v.spacing, pose, t),
+                    current[sel],
+                )
+                self.val_loss.update(
+                    geodesic_direction_loss(
+                        g, current[sel], gt[sel], self.hparams.rot_weight,
+                        self.hparams.trans_weight,
+                    )
+                )
+                self._convexity(g, geodesic_gradient(current[sel], gt[sel]))
+                if self.registration is not None:
+                    self._registrations(view, target, gt[sel], current[sel], batch["case"][sel])
         n = len(batch["case"])
         for name, metric in (
             ("loss", self.val_loss),
@@ -159,39 +173,32 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
         if batch_idx == 0:
             self._log_panels(batch, "val/panels")
 
-    def _convexity(self, batch: dict[str, torch.Tensor]) -> None:
-        gt, current = batch["gt_pose"], batch["initial_pose"]
-        for view, sel in self.volumes.groups(batch["volume_index"]):
-            target = self.targets(view, gt[sel])
-            _, g = pose_gradient(
-                lambda pose, v=view, t=target: self.net(v.bone, v.spacing, pose, t), current[sel]
-            )
-            G = geodesic_gradient(current[sel], gt[sel])
-            cos_r = torch.nn.functional.cosine_similarity(g[:, :3], G[:, :3], dim=1)
-            cos_t = torch.nn.functional.cosine_similarity(g[:, 3:], G[:, 3:], dim=1)
-            self.val_cos_rot.update(cos_r)
-            self.val_cos_trans.update(cos_t)
-            self.val_convex.update(((cos_r > 0) & (cos_t > 0)).to(cos_r.dtype))
+    def _convexity(self, g: torch.Tensor, G: torch.Tensor) -> None:
+        """Cosines of the network's pose gradients ``g`` with the geodesic ones ``G`` (B, 6)."""
+        cos_r = torch.nn.functional.cosine_similarity(g[:, :3], G[:, :3], dim=1)
+        cos_t = torch.nn.functional.cosine_similarity(g[:, 3:], G[:, 3:], dim=1)
+        self.val_cos_rot.update(cos_r)
+        self.val_cos_trans.update(cos_t)
+        self.val_convex.update(((cos_r > 0) & (cos_t > 0)).to(cos_r.dtype))
 
-    def _registrations(self, batch: dict[str, torch.Tensor]) -> None:
-        chosen = batch["case"] < self.hparams.validation_registration.get("cases", 4)
+    def _registrations(self, view, target, gt, start, cases) -> None:
+        """Register the first ``validation_registration.cases`` cases; update mTRE and success."""
+        chosen = cases < self.hparams.validation_registration.get("cases", 4)
         if not chosen.any():
             return
-        gt, start = batch["gt_pose"][chosen], batch["initial_pose"][chosen]
-        for view, sel in self.volumes.groups(batch["volume_index"][chosen]):
-            result = register(
-                self.targets(view, gt[sel]),
-                start[sel],
-                self.registration,
-                projector=self.net.projector,
-                spacing=view.spacing,
-                ct=view.bone,
-                bone=view.bone,
-                net=self.net,
-            )
-            final = result.final_poses.to(gt)
-            self.val_mtre.update(final, gt[sel], view.points)
-            self.val_success.update(final, gt[sel], view.points)
+        result = register(
+            target[chosen],
+            start[chosen],
+            self.registration,
+            projector=self.net.projector,
+            spacing=view.spacing,
+            ct=view.bone,
+            bone=view.bone,
+            net=self.net,
+        )
+        final = result.final_poses.to(gt)
+        self.val_mtre.update(final, gt[chosen], view.points)
+        self.val_success.update(final, gt[chosen], view.points)
 
     # ------------------------------------------------------------------------------ helpers
     def _log_panels(self, batch: dict[str, torch.Tensor], key: str) -> None:

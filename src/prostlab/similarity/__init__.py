@@ -22,6 +22,7 @@ from prostlab.similarity.objective import (
 )
 from prostlab.similarity.training_loss import (
     direction_loss,
+    geodesic_direction_loss,
     geodesic_gradient_loss,
     pose_gradient,
     unit,
@@ -37,6 +38,7 @@ __all__ = [
     "NetObjective",
     "PoseObjective",
     "direction_loss",
+    "geodesic_direction_loss",
     "geodesic_gradient_loss",
     "gradient_ncc",
     "make_objective",

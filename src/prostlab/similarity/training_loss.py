@@ -43,7 +43,14 @@ from torch import Tensor
 from prostlab.errors import ProstlabError
 from prostlab.geometry import check_pose, geodesic_gradient, perturb
 
-__all__ = ["REDUCTIONS", "direction_loss", "geodesic_gradient_loss", "pose_gradient", "unit"]
+__all__ = [
+    "REDUCTIONS",
+    "direction_loss",
+    "geodesic_direction_loss",
+    "geodesic_gradient_loss",
+    "pose_gradient",
+    "unit",
+]
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -107,6 +114,27 @@ def direction_loss(
     return total
 
 
+def geodesic_direction_loss(
+    g: Tensor,
+    current_pose: Tensor,
+    gt_pose: Tensor,
+    rot_weight: float = 1.0,
+    trans_weight: float = 1.0,
+    tolerance: float = 1e-6,
+) -> Tensor:
+    """Per-case loss ``(B,)`` of pose gradients ``g`` (B, 6) already taken at ``current_pose``:
+    :func:`direction_loss` against :func:`~prostlab.geometry.geodesic_gradient` to ``gt_pose``."""
+    target = geodesic_gradient(current_pose.detach(), gt_pose.detach(), rot_weight, trans_weight)
+    # |G_r| = 2 w_r |log(R_c^T R_gt)| and |G_t| = 2 w_t |t_c - t_gt|: the tolerance in rad and mm.
+    tolerance = float(tolerance)
+    return direction_loss(
+        g,
+        target.to(g.dtype),
+        rot_tolerance=2.0 * float(rot_weight) * tolerance,
+        trans_tolerance=2.0 * float(trans_weight) * tolerance,
+    )
+
+
 def geodesic_gradient_loss(
     net_objective_fn: Callable[[Tensor], Tensor],
     current_pose: Tensor,
@@ -148,15 +176,7 @@ def geodesic_gradient_loss(
             f"got {gt_pose.shape[0]}"
         )
     _, g = pose_gradient(net_objective_fn, current_pose, create_graph=True)
-    target = geodesic_gradient(current_pose.detach(), gt_pose.detach(), rot_weight, trans_weight)
-    # |G_r| = 2 w_r |log(R_c^T R_gt)| and |G_t| = 2 w_t |t_c - t_gt|: the tolerance in rad and mm.
-    tolerance = float(tolerance)
-    loss = direction_loss(
-        g,
-        target.to(g.dtype),
-        rot_tolerance=2.0 * float(rot_weight) * tolerance,
-        trans_tolerance=2.0 * float(trans_weight) * tolerance,
-    )
+    loss = geodesic_direction_loss(g, current_pose, gt_pose, rot_weight, trans_weight, tolerance)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
