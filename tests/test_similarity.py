@@ -14,10 +14,13 @@ from prostlab.projector import Projector
 from prostlab.similarity import (
     GradientNCCLoss,
     ImageObjective,
+    MultiscaleNCCLoss,
     NCCLoss,
     gradient_ncc,
     make_objective,
+    multiscale_ncc,
     ncc,
+    patch_ncc,
     sobel,
 )
 
@@ -123,7 +126,7 @@ def test_ncc_zero_total_weight_is_zero():
     assert bool(torch.isfinite(g).all()) and torch.equal(g[1], torch.zeros_like(g[1]))
 
 
-@pytest.mark.parametrize("fn", [ncc, gradient_ncc])
+@pytest.mark.parametrize("fn", [ncc, gradient_ncc, multiscale_ncc])
 def test_masked_out_pixels_are_ignored(fn):
     x, y = _rand(3, 2, 12, 10, seed=13), _rand(3, 2, 12, 10, seed=14)
     mask = torch.ones(1, 1, 12, 10, dtype=x.dtype)
@@ -209,6 +212,98 @@ def test_losses_are_one_minus_similarity():
     assert torch.allclose(GradientNCCLoss()(x, y, mask), 1 - gradient_ncc(x, y))
 
 
+# ----------------------------------------------------------------------------- multiscale NCC
+
+
+def _smooth(*shape, seed=0, dtype=torch.float64):
+    """Random images blurred by a 5 x 5 box: neighbouring pixels correlate, as in a DRR."""
+    image = _rand(*shape, seed=seed, dtype=dtype)
+    return F.avg_pool2d(F.pad(image, (2, 2, 2, 2), mode="reflect"), 5, stride=1)
+
+
+def test_patch_ncc_is_the_mean_of_ncc_over_patches():
+    # 7 x 9 pixels in a 2 x 2 grid: row r in patch floor(2 r / 7), so rows 0-3 | 4-6 and
+    # columns 0-4 | 5-8.
+    x, y = _rand(2, 2, 7, 9, seed=30), _rand(2, 2, 7, 9, seed=31)
+    w = _rand(1, 1, 7, 9, seed=32)
+    tiles = [(slice(0, 4), slice(0, 5)), (slice(0, 4), slice(5, 9)),
+             (slice(4, 7), slice(0, 5)), (slice(4, 7), slice(5, 9))]
+    expected = sum(ncc(x[..., r, c], y[..., r, c], w[..., r, c]) for r, c in tiles) / 4
+    assert torch.allclose(patch_ncc(x, y, 2, w), expected, atol=1e-12)
+    assert torch.allclose(patch_ncc(x, y, 1, w), ncc(x, y, w), atol=1e-12)
+    both = (patch_ncc(x, y, 1) + patch_ncc(x, y, 3)) / 2
+    assert torch.allclose(multiscale_ncc(x, y, grids=(1, 3)), both, atol=1e-12)
+    assert torch.allclose(MultiscaleNCCLoss((1, 3))(x, y, w), 1 - multiscale_ncc(x, y, w, (1, 3)))
+
+
+def test_multiscale_ncc_is_one_for_identical_images_even_with_empty_patches():
+    x = _smooth(3, 1, 16, 16, seed=33)
+    x[..., :8, :8] = 0.0  # a quarter of air: flat in both images, left out of the patch mean
+    assert torch.allclose(multiscale_ncc(x, x), torch.ones(3, dtype=x.dtype), atol=1e-12)
+    assert torch.allclose(multiscale_ncc(x, x, grids=(1, 2, 4, 8)), torch.ones(3, dtype=x.dtype))
+    # Anatomy missing from one image's patch counts as 0 there, not as left out.
+    y = x.clone()
+    y[..., 8:, 8:] = 0.0
+    # Grid 2: top left flat in both (left out), top right and bottom left 1, bottom right 0.
+    assert torch.allclose(patch_ncc(x, y, 2), torch.full((3,), 2 / 3, dtype=x.dtype))
+
+
+def test_multiscale_ncc_invariances():
+    x = _smooth(2, 1, 16, 20, seed=34)
+    y = x + 0.3 * _smooth(2, 1, 16, 20, seed=35)
+    base = multiscale_ncc(x, y)
+    assert bool((base < 1).all()) and bool((base > 0).all())
+    assert torch.allclose(multiscale_ncc(y, x), base, atol=1e-12)  # symmetric
+    for a, b in ((2.5, -3.0), (0.01, 1.0), (7.0, 0.0)):
+        assert torch.allclose(multiscale_ncc(a * x + b, y), base, atol=1e-9)
+        assert torch.allclose(multiscale_ncc(x, a * y + b), base, atol=1e-9)
+        assert torch.allclose(multiscale_ncc(-a * x + b, y), -base, atol=1e-9)
+
+
+def test_multiscale_ncc_is_lower_for_misaligned_images():
+    x = _smooth(1, 1, 32, 32, seed=36)
+    shifted = [multiscale_ncc(torch.roll(x, s, dims=-1)[..., 4:-4], x[..., 4:-4]).item()
+               for s in (0, 1, 2, 4)]
+    assert shifted[0] == pytest.approx(1.0, abs=1e-12)
+    assert shifted[0] > shifted[1] > shifted[2] > shifted[3], shifted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_multiscale_ncc_gradient_is_finite_on_flat_images(dtype):
+    flat = torch.full((2, 1, 16, 16), 3.0, dtype=dtype, requires_grad=True)
+    y = _smooth(2, 1, 16, 16, seed=37, dtype=dtype)
+    partly = y.clone()
+    partly[..., 4:12, :] = 0.0  # some patches flat, some not
+    partly.requires_grad_(True)
+    for a, b in ((flat, y), (y, flat), (flat, flat), (partly, y), (partly, partly)):
+        out = MultiscaleNCCLoss()(a, b)
+        grads = torch.autograd.grad(out.sum(), (flat, partly), allow_unused=True,
+                                    materialize_grads=True)
+        assert bool(torch.isfinite(out).all())
+        assert all(bool(torch.isfinite(g).all()) for g in grads)
+    assert torch.equal(multiscale_ncc(flat, y).detach(), torch.zeros(2, dtype=dtype))
+
+
+def test_multiscale_ncc_gradcheck():
+    x = _rand(2, 1, 8, 6, seed=38).requires_grad_(True)
+    y = _rand(2, 1, 8, 6, seed=39).requires_grad_(True)
+    mask = (_rand(1, 1, 8, 6, seed=40) > 0.3).double()
+    assert torch.autograd.gradcheck(lambda a, b: multiscale_ncc(a, b, mask, (1, 3)), (x, y))
+    assert torch.autograd.gradgradcheck(lambda a, b: multiscale_ncc(a, b, grids=(1, 2)), (x, y))
+
+
+def test_multiscale_ncc_bad_grids():
+    x = torch.rand(1, 1, 8, 12)
+    with pytest.raises(ProstlabError, match=r"grids\[1\]: expected at most 4 patches"):
+        multiscale_ncc(x, x, grids=(1, 5))
+    with pytest.raises(ProstlabError, match=r"grids\[0\]: expected an integer"):
+        multiscale_ncc(x, x, grids=(0,))
+    with pytest.raises(ProstlabError, match="grids: expected a non-empty list"):
+        multiscale_ncc(x, x, grids=())
+    with pytest.raises(ProstlabError, match="grid: expected an integer"):
+        patch_ncc(x, x, 2.5)
+
+
 # -------------------------------------------------------------------------- pose objectives
 
 
@@ -241,7 +336,7 @@ def _perturbations():
     return torch.tensor(rows)
 
 
-@pytest.mark.parametrize("name", ["ncc", "gradncc"])
+@pytest.mark.parametrize("name", ["ncc", "gradncc", "mncc"])
 def test_image_objective_is_minimal_at_the_true_pose(small_case, name):
     projector, ct, bone, spacing, gt, target = small_case
     objective = make_objective(
@@ -268,11 +363,25 @@ def test_image_objective_mask_and_gradient(small_case):
     assert grad[0, 3].item() > 0
 
 
+def test_make_objective_renders_what_moving_says(small_case):
+    projector, ct, bone, spacing, _, target = small_case
+    kw = dict(projector=projector, ct=ct, bone=bone, spacing=spacing, target=target)
+    for name in ("ncc", "gradncc", "mncc"):
+        assert make_objective(name, **kw).volume is ct  # default: the whole CT
+        assert make_objective(name, **kw, moving=None).volume is ct
+        assert make_objective(name, **kw, moving="bone").volume is bone
+    assert isinstance(make_objective("mncc", **kw).loss, MultiscaleNCCLoss)
+
+
 def test_make_objective_errors(small_case):
     projector, ct, bone, spacing, _, target = small_case
     kw = dict(projector=projector, ct=ct, bone=bone, spacing=spacing, target=target)
-    with pytest.raises(ProstlabError, match=r"name: expected .*'ncc', 'gradncc', 'net'.*'mi'"):
+    with pytest.raises(ProstlabError, match=r"name: expected .*'ncc', 'gradncc', 'mncc', 'net'.*'mi'"):
         make_objective("mi", **kw)
+    with pytest.raises(ProstlabError, match=r"moving: expected one of \['bone', 'ct'\] or None"):
+        make_objective("ncc", **kw, moving="lungs")
+    with pytest.raises(ProstlabError, match="bone: objective 'gradncc' needs the segmented"):
+        make_objective("gradncc", **{**kw, "bone": None}, moving="bone")
     with pytest.raises(ProstlabError, match="net: objective 'net' needs"):
         make_objective("net", **kw)
     with pytest.raises(ProstlabError, match="ct: objective 'ncc' needs"):

@@ -2,6 +2,8 @@
 
 - :mod:`~prostlab.similarity.ncc`: :func:`ncc`, :func:`gradient_ncc` and the losses
   :class:`NCCLoss`, :class:`GradientNCCLoss` (``1 - ...``, lower is better).
+- :mod:`~prostlab.similarity.patch_ncc`: :func:`patch_ncc`, :func:`multiscale_ncc` (global and
+  patch-wise NCC averaged) and :class:`MultiscaleNCCLoss`.
 - :mod:`~prostlab.similarity.convex_net`: :class:`ConvexSimilarityNet`, ProST's "Net".
 - :mod:`~prostlab.similarity.objective`: pose objectives ``(B, 6) -> (B,)`` for registration,
   :class:`ImageObjective`, :class:`NetObjective` and :func:`make_objective`.
@@ -14,12 +16,14 @@
 from prostlab.similarity.convex_net import ACTIVATIONS, ConvexSimilarityNet, minmax_normalise
 from prostlab.similarity.ncc import GradientNCCLoss, NCCLoss, gradient_ncc, ncc, sobel
 from prostlab.similarity.objective import (
+    DEFAULT_MOVING,
     OBJECTIVES,
     ImageObjective,
     NetObjective,
     PoseObjective,
     make_objective,
 )
+from prostlab.similarity.patch_ncc import MultiscaleNCCLoss, multiscale_ncc, patch_ncc
 from prostlab.similarity.training_loss import (
     direction_loss,
     geodesic_direction_loss,
@@ -30,10 +34,12 @@ from prostlab.similarity.training_loss import (
 
 __all__ = [
     "ACTIVATIONS",
+    "DEFAULT_MOVING",
     "OBJECTIVES",
     "ConvexSimilarityNet",
     "GradientNCCLoss",
     "ImageObjective",
+    "MultiscaleNCCLoss",
     "NCCLoss",
     "NetObjective",
     "PoseObjective",
@@ -43,7 +49,9 @@ __all__ = [
     "gradient_ncc",
     "make_objective",
     "minmax_normalise",
+    "multiscale_ncc",
     "ncc",
+    "patch_ncc",
     "pose_gradient",
     "sobel",
     "unit",

@@ -89,25 +89,54 @@ def _check_mask(mask: object, x: Tensor, y: Tensor) -> Tensor | None:
     return mask.detach()
 
 
-def _ncc(x: Tensor, y: Tensor, w: Tensor | None, eps: float) -> Tensor:
-    """Per-channel weighted NCC, ``(B, C)``; inputs already checked."""
-    dims = (-2, -1)
+def _patch_matrix(size: int, parts: int, like: Tensor) -> Tensor:
+    """``(parts, size)`` 0/1 matrix: row ``i`` marks the pixels ``r`` with ``floor(r parts / size)
+    = i``, so ``parts`` patches, as equal as integers allow, tile the axis."""
+    patch_of_pixel = torch.arange(size, device=like.device) * parts // size
+    parts_index = torch.arange(parts, device=like.device)
+    return (patch_of_pixel[None, :] == parts_index[:, None]).to(like.dtype)
+
+
+def _ncc(
+    x: Tensor, y: Tensor, w: Tensor | None, eps: float, grid: int = 1
+) -> tuple[Tensor, Tensor]:
+    """Per-channel weighted NCC on each patch of a ``grid x grid`` tiling; inputs already checked.
+
+    Patch statistics are sums ``P_r f P_c^T`` with the 0/1 patch matrices ``P_r (grid, H)`` and
+    ``P_c (grid, W)``; ``grid = 1`` is the whole image. Means are subtracted before the second
+    moments are taken (two passes, no ``E[x^2] - E[x]^2`` cancellation in float32).
+
+    Returns:
+        ``(value, informative)``, both ``(B, C, grid, grid)``: the NCC of each patch (0 where
+        either image is flat or the weights sum to 0), and whether the patch carries any
+        information (positive weight, and not flat in *both* images).
+    """
+    rows = _patch_matrix(x.shape[-2], grid, x)
+    cols = _patch_matrix(x.shape[-1], grid, x)
+
+    def total(f: Tensor) -> Tensor:  # (..., H, W) -> (..., grid, grid) patch sums
+        return rows @ f @ cols.T
+
+    def spread(s: Tensor) -> Tensor:  # (..., grid, grid) -> (..., H, W), each pixel its patch's
+        return rows.T @ s @ cols
+
     if w is None:
-
-        def mean(f: Tensor) -> Tensor:
-            return f.mean(dims, keepdim=True)
-
+        weight = total(torch.ones_like(x[:1, :1]))
         valid_weights = None
-    else:
-        total = w.sum(dims, keepdim=True)
-        valid_weights = total > 0
-        safe_total = torch.where(valid_weights, total, torch.ones_like(total))
 
         def mean(f: Tensor) -> Tensor:
-            return (w * f).sum(dims, keepdim=True) / safe_total
+            return total(f) / weight
 
-    dx = x - mean(x)
-    dy = y - mean(y)
+    else:
+        weight = total(w)
+        valid_weights = weight > 0
+        safe_weight = torch.where(valid_weights, weight, torch.ones_like(weight))
+
+        def mean(f: Tensor) -> Tensor:
+            return total(w * f) / safe_weight
+
+    dx = x - spread(mean(x))
+    dy = y - spread(mean(y))
     var_x = mean(dx * dx)
     var_y = mean(dy * dy)
     cov = mean(dx * dy)
@@ -115,15 +144,17 @@ def _ncc(x: Tensor, y: Tensor, w: Tensor | None, eps: float) -> Tensor:
     flat_x = var_x <= eps * mean(x * x)
     flat_y = var_y <= eps * mean(y * y)
     valid = ~(flat_x | flat_y)
+    informative = ~(flat_x & flat_y)
     if valid_weights is not None:
         valid = valid & valid_weights
+        informative = informative & valid_weights
     # Safe denominators where invalid, so that neither branch of the where makes NaN gradients;
     # two rsqrt rather than one of the product, which could underflow for faint images.
     one = torch.ones_like(cov)
     safe_x = torch.where(valid, var_x, one)
     safe_y = torch.where(valid, var_y, one)
     value = torch.where(valid, cov * torch.rsqrt(safe_x) * torch.rsqrt(safe_y), 0.0 * one)
-    return value[..., 0, 0]
+    return value, informative.expand_as(value)
 
 
 def ncc(x: Tensor, y: Tensor, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
@@ -145,7 +176,7 @@ def ncc(x: Tensor, y: Tensor, mask: Tensor | None = None, eps: float = 1e-8) -> 
     """
     x, y = _check_images(x, y)
     w = _check_mask(mask, x, y)
-    return _ncc(x, y, w, float(eps)).mean(dim=1)
+    return _ncc(x, y, w, float(eps))[0][..., 0, 0].mean(dim=1)
 
 
 def sobel(image: Tensor) -> tuple[Tensor, Tensor]:
@@ -195,8 +226,8 @@ def gradient_ncc(x: Tensor, y: Tensor, mask: Tensor | None = None, eps: float = 
     gx_x, gy_x = sobel(x)
     gx_y, gy_y = sobel(y)
     eps = float(eps)
-    both = _ncc(gx_x, gx_y, w, eps) + _ncc(gy_x, gy_y, w, eps)
-    return 0.5 * both.mean(dim=1)
+    both = _ncc(gx_x, gx_y, w, eps)[0] + _ncc(gy_x, gy_y, w, eps)[0]
+    return 0.5 * both[..., 0, 0].mean(dim=1)
 
 
 class NCCLoss(nn.Module):

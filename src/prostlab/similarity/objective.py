@@ -8,7 +8,8 @@ embedding) is fixed when the objective is built, once per registration stage.
 - :class:`ImageObjective`: render a volume at the pose and compare with the target by an image
   loss such as :class:`~prostlab.similarity.NCCLoss`.
 - :class:`NetObjective`: the learned similarity :class:`~prostlab.similarity.ConvexSimilarityNet`.
-- :func:`make_objective`: build one by name (``"ncc"``, ``"gradncc"``, ``"net"``).
+- :func:`make_objective`: build one by name (``"ncc"``, ``"gradncc"``, ``"mncc"``, ``"net"``),
+  rendering the whole CT or the segmented bones (``moving``; :data:`DEFAULT_MOVING`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,17 @@ from prostlab.errors import ProstlabError
 from prostlab.projector import Projector
 from prostlab.similarity.convex_net import ConvexSimilarityNet
 from prostlab.similarity.ncc import GradientNCCLoss, NCCLoss
+from prostlab.similarity.patch_ncc import MultiscaleNCCLoss
 
-__all__ = ["OBJECTIVES", "ImageObjective", "NetObjective", "PoseObjective", "make_objective"]
+__all__ = [
+    "DEFAULT_MOVING",
+    "MOVING",
+    "OBJECTIVES",
+    "ImageObjective",
+    "NetObjective",
+    "PoseObjective",
+    "make_objective",
+]
 
 
 class PoseObjective(Protocol):
@@ -139,8 +149,19 @@ class NetObjective(nn.Module):
         return self.net.distance(embedding, self.target_embedding)
 
 
-OBJECTIVES = ("ncc", "gradncc", "net")
+OBJECTIVES = ("ncc", "gradncc", "mncc", "net")
 """The names :func:`make_objective` knows."""
+
+MOVING = ("bone", "ct")
+"""What a stage may render: the segmented bones or the whole CT."""
+
+DEFAULT_MOVING = {"ncc": "ct", "gradncc": "ct", "mncc": "ct", "net": "bone"}
+"""What each objective renders unless told otherwise. The network renders the bones, as in
+ProST (it was trained on them). The image similarities render the whole CT: on the bundled chest
+CT a bone-only DRR against a whole-CT X-ray moves their minimum 1-3 degrees away from the truth
+(``docs/registration.md``, "What each stage renders")."""
+
+_LOSSES = {"ncc": NCCLoss, "gradncc": GradientNCCLoss, "mncc": MultiscaleNCCLoss}
 
 
 def make_objective(
@@ -153,47 +174,61 @@ def make_objective(
     target: Tensor,
     net: ConvexSimilarityNet | None = None,
     mask: Tensor | None = None,
+    moving: str | None = None,
 ) -> nn.Module:
     """Build the pose objective of one registration stage by name.
 
-    - ``"ncc"``: ``1 - NCC`` of the DRR of ``ct`` with ``target``;
+    - ``"ncc"``: ``1 - NCC`` of the DRR of the moving volume with ``target``;
     - ``"gradncc"``: ``1 - gradient-NCC`` of the same;
-    - ``"net"``: the network similarity of ``bone`` to ``target`` (cached, see
+    - ``"mncc"``: ``1 - multiscale NCC`` of the same (global and 4 x 4 patch-wise NCC, see
+      :mod:`~prostlab.similarity.patch_ncc`);
+    - ``"net"``: the network similarity of the moving volume to ``target`` (cached, see
       :class:`NetObjective`). It renders with ``net``'s own projector, whose camera must be
       ``projector``'s.
+
+    The moving volume is ``ct`` or ``bone`` as ``moving`` says; ``None`` takes the objective's
+    default, :data:`DEFAULT_MOVING` (``net``: the bones; the image similarities: the whole CT).
 
     Args:
         name: one of :data:`OBJECTIVES`.
         projector: the registration's projector (used by the image objectives).
-        ct: ``(B | 1, 1, D, H, W)`` whole-CT attenuation (image objectives).
-        bone: ``(B | 1, 1, D, H, W)`` segmented CT attenuation (``"net"``).
+        ct: ``(B | 1, 1, D, H, W)`` whole-CT attenuation, 1/mm.
+        bone: ``(B | 1, 1, D, H, W)`` segmented CT attenuation, 1/mm.
         spacing: voxel size in mm, array-axis order, shared by ``ct`` and ``bone``.
         target: ``(B | 1, 1, h, w)`` X-ray(s).
         net: the trained network, required by ``"net"``.
         mask: optional pixel weights for the image objectives (see :func:`ncc`).
+        moving: ``"bone"``, ``"ct"`` or ``None`` (the default of ``name``).
 
     Returns:
         A pose objective (an ``nn.Module``): ``(B, 6) -> (B,)``.
     """
-    if name in ("ncc", "gradncc"):
-        if ct is None:
-            raise ProstlabError(f"ct: objective {name!r} needs the CT volume, got None")
-        loss = NCCLoss() if name == "ncc" else GradientNCCLoss()
-        return ImageObjective(projector, ct, spacing, target, loss, mask)
-    if name == "net":
-        if net is None:
-            raise ProstlabError(
-                "net: objective 'net' needs a ConvexSimilarityNet (load a checkpoint), got None"
-            )
-        if bone is None:
-            raise ProstlabError("bone: objective 'net' needs the segmented (bone) volume, got None")
-        if isinstance(projector, Projector) and projector.camera != net.camera:
-            raise ProstlabError(
-                f"net: the network's camera {net.camera} differs from the projector's "
-                f"{projector.camera}; expected the same detector geometry"
-            )
-        return NetObjective(net, bone, spacing, target)
-    raise ProstlabError(f"name: expected an objective name in {list(OBJECTIVES)}, got {name!r}")
+    if name not in OBJECTIVES:
+        raise ProstlabError(
+            f"name: expected an objective name in {list(OBJECTIVES)}, got {name!r}"
+        )
+    if moving is None:
+        moving = DEFAULT_MOVING[name]
+    if moving not in MOVING:
+        raise ProstlabError(f"moving: expected one of {list(MOVING)} or None, got {moving!r}")
+    volume = ct if moving == "ct" else bone
+    if volume is None:
+        what = "CT volume" if moving == "ct" else "segmented (bone) volume"
+        raise ProstlabError(
+            f"{moving}: objective {name!r} needs the {what} (moving={moving!r}), got None"
+        )
+    if name != "net":
+        return ImageObjective(projector, volume, spacing, target, _LOSSES[name](), mask)
+    if net is None:
+        raise ProstlabError(
+            "net: objective 'net' needs a ConvexSimilarityNet (load a checkpoint), got None"
+        )
+    if isinstance(projector, Projector) and projector.camera != net.camera:
+        raise ProstlabError(
+            f"net: the network's camera {net.camera} differs from the projector's "
+            f"{projector.camera}; expected the same detector geometry"
+        )
+    return NetObjective(net, volume, spacing, target)
 
 
 def _check_tensor(x: object, name: str, ndim: int, form: str) -> None:
