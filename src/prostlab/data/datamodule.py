@@ -28,9 +28,37 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from prostlab.data.example import example_path
 from prostlab.data.poses import PoseDistribution, PoseSampler, case_generator
 from prostlab.data.prepare import PreparedCT, load_prepared, prepare_ct
+from prostlab.data.volume import Volume
 from prostlab.errors import ProstlabError
 
 SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Curriculum:
+    """A training curriculum of pose offsets: case ``i`` draws its offset scaled by
+
+        s(i) = start + (1 - start) * min(i / samples, 1),
+
+    so training starts near the ground truth and reaches the full offset law after ``samples``
+    cases (``data.train_curriculum: {start, samples}``; needs ``relative: true`` poses).
+    """
+
+    start: float = 0.25
+    samples: int = 20_000
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.start, int | float) and 0 < self.start <= 1):
+            raise ProstlabError(
+                f"data.train_curriculum.start: expected a number in (0, 1], got {self.start!r}"
+            )
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ProstlabError(
+                f"data.train_curriculum.samples: expected a positive integer, got {self.samples!r}"
+            )
+
+    def scale(self, index: int) -> float:
+        return self.start + (1.0 - self.start) * min(index / self.samples, 1.0)
 
 
 class PoseCaseDataset(Dataset):
@@ -47,10 +75,12 @@ class PoseCaseDataset(Dataset):
         seed: int,
         split: str,
         start: int = 0,
+        curriculum: Curriculum | None = None,
     ):
         self.volume_indices = list(volume_indices)
         self.sampler, self.n, self.seed, self.start = sampler, int(n), int(seed), int(start)
         self.split_key = SPLITS.index(split)
+        self.curriculum = curriculum
 
     def __len__(self) -> int:
         return max(self.n - self.start, 0)
@@ -59,7 +89,10 @@ class PoseCaseDataset(Dataset):
         if not 0 <= position < len(self):
             raise IndexError(position)
         index = self.start + position
-        gt, initial = self.sampler.sample(1, case_generator(self.seed, self.split_key, index))
+        scale = self.curriculum.scale(index) if self.curriculum is not None else 1.0
+        gt, initial = self.sampler.sample(
+            1, case_generator(self.seed, self.split_key, index), offset_scale=scale, first=index
+        )
         return {
             "volume_index": self.volume_indices[index % len(self.volume_indices)],
             "gt_pose": gt[0].float(),
@@ -87,6 +120,9 @@ class PoseDataModule(pl.LightningDataModule):
         train_poses, val_poses, test_poses: pose samplers, each a mapping
             ``{"ground_truth": {...}, "initial": {...}, "relative": bool}`` of
             :class:`~prostlab.data.poses.PoseDistribution` fields (degrees and mm).
+        train_curriculum: ``{"start": s0, "samples": n}``: widen the training offsets from
+            ``s0`` times the ``train_poses`` law to all of it over the first ``n`` cases
+            (:class:`Curriculum`); None: the full law from the start.
         train_samples, val_samples, test_samples: cases per split.
         batch_size: the **global** batch; each of ``world_size`` processes takes an equal share.
         num_workers: data-loader workers per process.
@@ -104,6 +140,7 @@ class PoseDataModule(pl.LightningDataModule):
         train_poses: dict[str, Any] | None = None,
         val_poses: dict[str, Any] | None = None,
         test_poses: dict[str, Any] | None = None,
+        train_curriculum: dict[str, Any] | None = None,
         train_samples: int = 1_000_000,
         val_samples: int = 16,
         test_samples: int = 100,
@@ -128,6 +165,15 @@ class PoseDataModule(pl.LightningDataModule):
             name: _sampler(config, f"data.{name}_poses")
             for name, config in zip(SPLITS, (train_poses, val_poses, test_poses), strict=True)
         }
+        self.curriculum = None
+        if train_curriculum is not None:
+            unknown = sorted(set(train_curriculum) - {"start", "samples"})
+            if unknown:
+                raise ProstlabError(f"data.train_curriculum: unknown key(s) {unknown}; "
+                                    f"expected start, samples")
+            self.curriculum = Curriculum(**dict(train_curriculum))
+            if not self.samplers["train"].relative:
+                raise ProstlabError("data.train_curriculum: needs data.train_poses.relative: true")
         self.counts = {"train": train_samples, "val": val_samples, "test": test_samples}
         for name, count in self.counts.items():
             if int(count) < 1:
@@ -215,11 +261,23 @@ class PoseDataModule(pl.LightningDataModule):
                         f"voxels (source {source}); check the labels and data.bones"
                     )
 
+    def full_resolution_cts(self, indices: Sequence[int]) -> dict[int, Volume]:
+        """The CTs of volumes ``indices`` before ``downsample`` (the benchmark's finer targets).
+
+        Read again from the prepared folders when ``downsample > 1``, so that nothing but the
+        benchmark holds them; the downsampled CTs of ``setup`` themselves when it is 1.
+        """
+        self.setup()
+        if self.downsample == 1:
+            return {int(i): self.prepared[int(i)].ct for i in indices}
+        return {int(i): load_prepared(self._folder(self.sources[int(i)])).ct for i in indices}
+
     # ---------------------------------------------------------------------------- datasets
     def dataset(self, split: str, start: int = 0) -> PoseCaseDataset:
         """The cases of ``split`` ("train", "val" or "test") from case ``start`` on."""
         return PoseCaseDataset(
-            self.split[split], self.samplers[split], self.counts[split], self.seed, split, start
+            self.split[split], self.samplers[split], self.counts[split], self.seed, split, start,
+            self.curriculum if split == "train" else None,
         )
 
     def per_process_batch(self) -> int:

@@ -10,7 +10,7 @@ import torch
 from prostlab.errors import ProstlabError
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-SCHEDULERS = ("cyclic", "constant")
+SCHEDULERS = ("cyclic", "cosine", "constant")
 
 PROST_OPTIMIZER = {"name": "sgd", "lr": 1e-4, "momentum": 0.9}
 PROST_SCHEDULER = {"name": "cyclic", "base_lr": 1e-6, "max_lr": 1e-4, "step_size_up": 100}
@@ -33,8 +33,12 @@ def build_optimizer(params: Iterable, config: Mapping[str, Any] | None) -> torch
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Mapping[str, Any] | None):
-    """``{"name": "cyclic", base_lr, max_lr, step_size_up}`` -> a per-step Lightning scheduler
-    dict, or None for ``{"name": "constant"}``."""
+    """A per-step Lightning scheduler dict, or None for ``{"name": "constant"}``.
+
+    - ``{"name": "cyclic", base_lr, max_lr, step_size_up}``: ProST's triangular cycle;
+    - ``{"name": "cosine", T_max, eta_min}``: ``lr_t = eta_min + (lr - eta_min)(1 + cos(pi t /
+      T_max)) / 2``, from the optimiser's lr down to ``eta_min`` over ``T_max`` steps.
+    """
     config = dict(config or PROST_SCHEDULER)
     name = config.pop("name", None)
     if name not in SCHEDULERS:
@@ -43,10 +47,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Mapping[str, Any] 
         )
     if name == "constant":
         return None
-    # Keep the momentum fixed (0.9 in ProST); only the learning rate cycles.
-    config.setdefault("cycle_momentum", False)
     try:
-        scheduler = torch.optim.lr_scheduler.CyclicLR(optimizer, **config)
+        if name == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, **config)
+        else:
+            # Keep the momentum fixed (0.9 in ProST); only the learning rate cycles.
+            config.setdefault("cycle_momentum", False)
+            scheduler = torch.optim.lr_scheduler.CyclicLR(optimizer, **config)
     except TypeError as exc:
         raise ProstlabError(f"model.scheduler: {exc}") from exc
     return {"scheduler": scheduler, "interval": "step"}

@@ -26,6 +26,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from prostlab.geometry import Camera, geodesic_gradient
+from prostlab.lightning.augment import TrainingAugmentation
 from prostlab.lightning.benchmark import BenchmarkLoop
 from prostlab.lightning.optim import build_optimizer, build_scheduler
 from prostlab.lightning.panels_log import log_panels
@@ -59,6 +60,9 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
         success_threshold_mm: mTRE below which a registration succeeds.
         image_every_n_steps: log target/moving/overlay panels this often (0: never).
         max_target_points: bone voxels per volume used as mTRE targets.
+        augmentation: random training augmentation of the volumes and targets, a mapping of
+            :class:`~prostlab.lightning.augment.AugmentationConfig` fields (``{}``: its
+            defaults); None: none. Validation and test never augment.
         benchmark: what ``prostlab test`` runs, see
             :class:`~prostlab.lightning.benchmark.BenchmarkConfig`.
     """
@@ -78,6 +82,7 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
         image_every_n_steps: int = 100,
         max_target_points: int = 2000,
         benchmark: dict[str, Any] | None = None,
+        augmentation: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -93,6 +98,7 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
         self.val_mtre = MeanTargetRegistrationError()
         self.val_success = SuccessRate(success_threshold_mm)
         self.volumes: VolumeBank | None = None
+        self.augmentation: TrainingAugmentation | None = None
 
     # -------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -102,20 +108,32 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
             self.volumes = VolumeBank(
                 datamodule.prepared, self.hparams.max_target_points, datamodule.seed
             )
+            if self.hparams.augmentation is not None:
+                self.augmentation = TrainingAugmentation(self.hparams.augmentation,
+                                                         datamodule.seed)
 
     def targets(self, view, gt_pose: torch.Tensor) -> torch.Tensor:
         """Min-max normalised DRRs (B, 1, h, w) of the whole CT at the ground-truth poses."""
         with torch.no_grad():
             return minmax_normalise(self.net.projector(view.ct, view.spacing, gt_pose))
 
-    def case_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The geodesic-gradient loss of each case of a batch, (B,)."""
+    def case_losses(self, batch: dict[str, torch.Tensor], augment: bool = False) -> torch.Tensor:
+        """The geodesic-gradient loss of each case of a batch, (B,); with ``augment`` (and an
+        ``augmentation`` config), on randomly augmented volumes and targets."""
         gt, current = batch["gt_pose"], batch["initial_pose"]
         losses = torch.zeros(gt.shape[0], dtype=gt.dtype, device=gt.device)
         for view, sel in self.volumes.groups(batch["volume_index"]):
-            target = self.targets(view, gt[sel])
+            bone = view.bone
+            if augment and self.augmentation is not None:
+                generator = self.augmentation.generator(self.global_step)
+                ct, bone = self.augmentation.volumes(view.ct, view.bone, generator)
+                with torch.no_grad():
+                    drr = self.net.projector(ct, view.spacing, gt[sel])
+                target = self.augmentation.target(drr, generator)
+            else:
+                target = self.targets(view, gt[sel])
             losses[sel] = geodesic_gradient_loss(
-                lambda pose, v=view, t=target: self.net(v.bone, v.spacing, pose, t),
+                lambda pose, v=view, b=bone, t=target: self.net(b, v.spacing, pose, t),
                 current[sel],
                 gt[sel],
                 self.hparams.rot_weight,
@@ -126,7 +144,7 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.case_losses(batch).mean()
+        loss = self.case_losses(batch, augment=True).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["case"]))
         every = self.hparams.image_every_n_steps
         if every and self.global_step % every == 0:
