@@ -33,7 +33,8 @@ def trained(tmp_path_factory):
 
 
 def read_cases(folder: Path) -> list[dict]:
-    with (folder / "results" / "tiny" / "cases.csv").open() as f:
+    """The rows of the newest run under ``folder/results/tiny`` (through its ``latest`` link)."""
+    with (folder / "results" / "tiny" / "latest" / "cases.csv").open() as f:
         return list(csv.DictReader(f))
 
 
@@ -41,7 +42,8 @@ def test_benchmark_writes_tables_figures_and_animation(trained):
     folder, checkpoint = trained
     done = prostlab(folder, "test", "--config", str(TINY), "--ckpt_path", str(checkpoint))
     assert done.returncode == 0, done.stderr[-3000:]
-    out = folder / "results" / "tiny"
+    out = folder / "results" / "tiny" / "latest"
+    assert out.is_symlink() and (out.parent / os.readlink(out)).is_dir()
     rows = read_cases(folder)
     assert len(rows) == 4 * 2  # cases x methods
     assert [r["method"] for r in rows[:2]] == ["gradncc", "net_gradncc"]
@@ -61,7 +63,7 @@ def test_one_and_two_processes_give_the_same_table(trained, tmp_path):
     done = prostlab(two, "test", "--config", str(TINY), "--ckpt_path", str(checkpoint),
                     "--trainer.devices", "2", "--trainer.strategy", "ddp")
     assert done.returncode == 0, done.stderr[-3000:]
-    if not (folder / "results" / "tiny" / "cases.csv").exists():
+    if not (folder / "results" / "tiny" / "latest" / "cases.csv").exists():
         assert prostlab(folder, "test", "--config", str(TINY), "--ckpt_path",
                         str(checkpoint)).returncode == 0
     one_rows, two_rows = read_cases(folder), read_cases(two)
@@ -70,6 +72,50 @@ def test_one_and_two_processes_give_the_same_table(trained, tmp_path):
         assert (a["case"], a["method"], a["status"], a["iterations"]) == (
             b["case"], b["method"], b["status"], b["iterations"])
         assert float(a["final_mtre_mm"]) == pytest.approx(float(b["final_mtre_mm"]), abs=1e-3)
+
+
+def test_runs_into_one_output_dir_keep_their_own_folders(tmp_path):
+    """Two runs at once, then a third: three folders, each complete, and latest at the newest."""
+    quick = ["test", "--config", str(TINY), "--data.test_samples", "2",
+             "--model.benchmark.max_iterations", "3", "--model.benchmark.gif_case", "null"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    runs = [subprocess.Popen([sys.executable, "-m", "prostlab.cli", *quick], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    for run in runs:
+        _, err = run.communicate(timeout=900)
+        assert run.returncode == 0, err[-3000:]
+    done = prostlab(tmp_path, *quick, "--model.benchmark.run_name", "third")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = tmp_path / "results" / "tiny"
+    folders = sorted(p for p in results.iterdir() if not p.is_symlink())
+    assert len(folders) == 3 and results / "third" in folders
+    for folder in folders:
+        with (folder / "cases.csv").open() as f:
+            assert len(list(csv.DictReader(f))) == 2 * 2, folder  # cases x methods
+        assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]
+    assert os.readlink(results / "latest") == "third"
+    assert "results/tiny/third/" in done.stdout
+
+
+@pytest.mark.parametrize("where", ["file", "below_file"])
+def test_unwritable_output_dir_is_refused_before_registering(tmp_path, where):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    output_dir = "taken" if where == "file" else "taken/results"
+    done = prostlab(tmp_path, "test", "--config", str(TINY),
+                    "--model.benchmark.output_dir", output_dir)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("prostlab test: error: model.benchmark.output_dir")
+    assert output_dir in last and "Traceback" not in done.stderr
+    assert "success_running" not in done.stdout  # no registration ran
+
+
+def test_bad_run_name_is_refused(tmp_path):
+    done = prostlab(tmp_path, "test", "--config", str(TINY),
+                    "--model.benchmark.run_name", "latest")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "model.benchmark.run_name" in done.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("problem", ["corrupt", "camera", "architecture"])

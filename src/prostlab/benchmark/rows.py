@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from prostlab.errors import ProstlabError
+from prostlab.outputs import atomic_path
 
 __all__ = [
     "ROW_FIELDS",
@@ -158,7 +159,8 @@ def write_cases_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path
 
     Lines are sorted by case, then by the methods' first-seen order, so the same rows give the same
     file. NaN is written ``nan`` and bools ``True``/``False``: ``float(cell)`` and
-    ``cell == "True"`` read them back. Parent directories are created.
+    ``cell == "True"`` read them back. Parent directories are created; the file is written under
+    a temporary name and moved into place (:func:`prostlab.outputs.atomic_path`).
 
     Returns:
         The path written.
@@ -168,7 +170,7 @@ def write_cases_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path
     ordered = sorted(rows, key=lambda row: (int(row["case"]), order[row["method"]]))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(ROW_FIELDS)
         for row in ordered:

@@ -25,6 +25,7 @@ import numpy as np
 from prostlab.benchmark.rows import is_failed, methods_in_order, validate_rows
 from prostlab.errors import ProstlabError
 from prostlab.metrics.functional import DEFAULT_SUCCESS_THRESHOLD_MM
+from prostlab.outputs import write_text
 
 __all__ = [
     "SUMMARY_FIELDS",
@@ -280,7 +281,7 @@ def write_summary(
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / "summary.json"
     document = {"meta": _jsonable(meta), "methods": _jsonable(summary)}
-    json_path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    write_text(json_path, json.dumps(document, indent=2, allow_nan=False) + "\n")
 
     known = [key for key, _ in _META_LABELS]
     lines = ["# Registration benchmark", ""]
@@ -301,7 +302,7 @@ def write_summary(
         "",
     ]
     md_path = directory / "summary.md"
-    md_path.write_text("\n".join(lines), encoding="utf-8")
+    write_text(md_path, "\n".join(lines))
     return json_path, md_path
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from prostlab.data.dicom import read_dicom_series
 from prostlab.errors import ProstlabError
+from prostlab.outputs import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -83,7 +84,8 @@ def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path:
 
     The affine is stored as both sform and qform with code 1 (scanner coordinates), and the
     spatial unit as mm, so any NIfTI reader recovers the same world positions. The array's dtype
-    is kept. Returns the path written.
+    is kept. The file is written under a temporary name and moved into place. Returns the path
+    written.
     """
     path = Path(path)
     if array.ndim != 3:
@@ -96,5 +98,6 @@ def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path:
     image.set_qform(affine, code=1)
     image.header.set_xyzt_units(xyz="mm")
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
     return path

@@ -5,7 +5,10 @@ Each test case is a ground-truth pose, a target X-ray rendered from the **whole 
 named registration schedule) registers the same cases, moving the segmented bones (ProST's
 setting) or the whole CT. Each (case, method) gives one row of errors, iterations and time; the
 rows of all processes are gathered, sorted by case, and written as ``cases.csv``,
-``summary.json``, ``summary.md`` and figures under ``output_dir``.
+``summary.json``, ``summary.md`` and figures into the run's own folder
+``output_dir/<run_name or timestamp>/`` (``-2``, ``-3``, ... appended when taken); the link
+``output_dir/latest`` then points at it. The folder is created, and checked for writability,
+before the first registration (:mod:`prostlab.outputs`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +33,7 @@ from prostlab.metrics.functional import (
     rotation_error,
     translation_error,
 )
+from prostlab.outputs import check_run_name, check_writable_dir, new_run_dir
 from prostlab.registration import Schedule, as_schedule, register
 
 DEFAULT_METHODS = {"gradncc": "gradncc", "ncc": "ncc", "net": "net",
@@ -44,7 +49,10 @@ class BenchmarkConfig:
         methods: name -> schedule (a preset of configs/registration or a schedule mapping).
         moving: the volume the methods render, "bone" (ProST) or "ct".
         photons: unattenuated photons per pixel for Poisson noise on the targets; None: none.
-        output_dir: where the tables and figures go.
+        output_dir: the folder of the runs; each run writes its tables and figures into a new
+            folder ``output_dir/<run_name>`` and points ``output_dir/latest`` at it.
+        run_name: the run's folder name; None: the start time, ``YYYY-MM-DD_HH-MM-SS``. A name
+            that is taken gets ``-2``, ``-3``, ... appended: earlier results are never replaced.
         overlays: cases drawn in the overlay figure.
         gif_case: the case whose registration (by the last method) is animated; None: none.
         max_frames: frames of the animation at most.
@@ -56,6 +64,7 @@ class BenchmarkConfig:
     moving: str = "bone"
     photons: float | None = None
     output_dir: str = "results/benchmark"
+    run_name: str | None = None
     overlays: int = 4
     gif_case: int | None = 0
     max_frames: int = 60
@@ -74,6 +83,8 @@ class BenchmarkConfig:
                                 f"got {made.moving!r}")
         if not made.methods:
             raise ProstlabError("model.benchmark.methods: expected at least one method")
+        if made.run_name is not None:
+            check_run_name(made.run_name, "model.benchmark.run_name")
         return made
 
     def schedules(self) -> dict[str, Schedule]:
@@ -162,6 +173,13 @@ class BenchmarkLoop:
     def on_test_epoch_start(self) -> None:
         self.bench = BenchmarkConfig.from_config(self.hparams.benchmark)
         self.bench_schedules = self.bench.schedules()
+        # Before the first registration: an unwritable output_dir is refused now, not after the
+        # benchmark. Every process checks (so all stop together); the first one takes the folder.
+        what = "model.benchmark.output_dir"
+        check_writable_dir(self.bench.output_dir, what)
+        self.bench_folder: Path | None = None
+        if self.trainer.global_rank == 0:
+            self.bench_folder = new_run_dir(self.bench.output_dir, self.bench.run_name, what)
         if any("net" in [s.similarity for s in sch.stages] for sch in self.bench_schedules.values()):
             if self.trainer.ckpt_path is None:
                 rank_zero_warn("test: no --ckpt_path; the 'net' methods use an untrained network")

@@ -9,6 +9,7 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 
 from prostlab.benchmark import markdown_table, summarise, write_cases_csv, write_summary
+from prostlab.outputs import point_latest
 from prostlab.viz.report import (
     plot_mtre_cdf,
     plot_success_vs_initial,
@@ -27,10 +28,11 @@ def _render(module, outcome, poses: torch.Tensor) -> torch.Tensor:
 
 
 def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
-    """Write ``cases.csv``, ``summary.json/.md``, figures and a GIF under the output folder."""
+    """Write ``cases.csv``, ``summary.json/.md``, figures and a GIF into the run's folder
+    ``module.bench_folder`` (made by the test loop's start), then point ``output_dir/latest`` at
+    it. Each file is written under a temporary name and moved into place."""
     config = module.bench
-    folder = Path(config.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(module.bench_folder)
     threshold = module.hparams.success_threshold_mm
     write_cases_csv(rows, folder / "cases.csv")
     summary = summarise(rows, threshold)
@@ -39,6 +41,7 @@ def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
         "threshold_mm": threshold,
         "photons": config.photons,
         "moving": config.moving,
+        "run": folder.name,
         "methods": {k: (v if isinstance(v, str) else "custom") for k, v in config.methods.items()},
     }
     write_summary(summary, folder, meta)
@@ -68,7 +71,9 @@ def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
                                                         folder / "registration.gif",
                                                         titles=titles)
     table = markdown_table(summary)
-    print(f"\n{table}\nresults and figures: {folder}/")
+    latest = point_latest(config.output_dir, folder)
+    also = f" (also {latest}/)" if latest is not None else ""
+    print(f"\n{table}\nresults and figures: {folder}/{also}")
     logger = module.logger
     if isinstance(logger, WandbLogger):
         columns = list(rows[0]) if rows else []

@@ -10,14 +10,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from prostlab.outputs import atomic_path  # noqa: E402
+
 
 def save_drr_png(
     path: str | Path, image: np.ndarray, colorbar: bool = False, title: str | None = None
 ) -> Path:
-    """Save a (H, W) line-integral image as a grey PNG; with ``colorbar``, a labelled figure."""
+    """Save a (H, W) line-integral image as a grey PNG; with ``colorbar``, a labelled figure.
+
+    The file is written under a temporary name and moved into place.
+    """
     path = Path(path)
     if not colorbar:
-        plt.imsave(path, image, cmap="gray")
+        with atomic_path(path) as tmp:
+            plt.imsave(tmp, image, cmap="gray", format="png")
         return path
     fig, ax = plt.subplots(figsize=(5, 4.2), dpi=120)
     shown = ax.imshow(image, cmap="gray")
@@ -26,6 +32,9 @@ def save_drr_png(
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path

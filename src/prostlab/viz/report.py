@@ -3,7 +3,8 @@
 The plots read the benchmark rows of :mod:`prostlab.benchmark` (one per case and method). They
 draw on :class:`matplotlib.figure.Figure` objects directly (the Agg renderer; pyplot's global
 state is not touched), so they work headless and in threads. Every function creates the parent
-directories of ``path`` and returns the written :class:`~pathlib.Path`.
+directories of ``path``, writes under a temporary name that is moved into place
+(:func:`prostlab.outputs.atomic_path`) and returns the written :class:`~pathlib.Path`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from prostlab.benchmark.rows import is_failed, methods_in_order, validate_rows
 from prostlab.benchmark.summary import check_threshold
 from prostlab.errors import ProstlabError
 from prostlab.metrics.functional import DEFAULT_SUCCESS_THRESHOLD_MM
+from prostlab.outputs import atomic_path
 from prostlab.viz.panels import overlay
 
 __all__ = [
@@ -46,6 +48,14 @@ def _colours(methods: Sequence[str]) -> dict[str, Any]:
 def _target(path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _save_figure(fig: Figure, path: str | Path) -> Path:
+    """Save ``fig`` to ``path`` via a temporary file (the format from the suffix, else PNG)."""
+    path = _target(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix[1:].lower() or "png")
     return path
 
 
@@ -150,9 +160,7 @@ def plot_success_vs_initial(
     ax.set_title("Success against initial misalignment", fontsize=10)
     ax.legend(fontsize=8, loc="best", frameon=True)
     fig.tight_layout()
-    path = _target(path)
-    fig.savefig(path)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_mtre_cdf(
@@ -213,9 +221,7 @@ def plot_mtre_cdf(
     ax.set_title("Cumulative distribution of the final mTRE", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    path = _target(path)
-    fig.savefig(path)
-    return path
+    return _save_figure(fig, path)
 
 
 def _image(value: Any, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -277,9 +283,7 @@ def save_overlays(panels: Sequence[Mapping[str, Any]], path: str | Path) -> Path
                 ax.set_title(columns[c], fontsize=9)
         axes[r][0].set_ylabel(title, fontsize=8)
     fig.suptitle("overlays: target magenta, DRR green; aligned anatomy turns grey", fontsize=8)
-    path = _target(path)
-    fig.savefig(path)
-    return path
+    return _save_figure(fig, path)
 
 
 def _caption_font(points: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -362,12 +366,13 @@ def save_registration_gif(
             image = canvas
         images.append(image)
     path = _target(path)
-    images[0].save(
-        path,
-        format="GIF",
-        save_all=True,
-        append_images=images[1:],
-        duration=max(10, round(1000 / fps)),
-        loop=0,
-    )
+    with atomic_path(path) as tmp:
+        images[0].save(
+            tmp,
+            format="GIF",
+            save_all=True,
+            append_images=images[1:],
+            duration=max(10, round(1000 / fps)),
+            loop=0,
+        )
     return path

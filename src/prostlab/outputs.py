@@ -1,0 +1,207 @@
+"""Output files and folders: a file is written whole or not at all, and results are never
+silently replaced.
+
+Every command that writes results uses these helpers:
+
+* :func:`atomic_path` yields a temporary name beside the target, ``.tmp-<pid>-<hex>.<name>``
+  (the target's suffix is kept, so writers that pick a format from it still work); on success
+  the file is renamed onto the target with :func:`os.replace`, which is atomic within one file
+  system, so a reader sees the old file or the new one, never half of one. On an error the
+  temporary file is removed and the target is left as it was.
+* :func:`check_writable_dir` creates a folder (and its parents) and writes and removes a probe
+  file in it, so an unwritable output folder is refused *before* the work starts.
+* :func:`fresh_output_dir` is the rule of ``prostlab render`` and ``prostlab prepare``: the folder
+  must be empty (or new) unless ``overwrite`` is set.
+* :func:`new_run_dir` and :func:`point_latest` give each ``prostlab test`` run its own folder
+  ``<parent>/<name>`` (``<name>-2``, ``<name>-3``, ... when taken; created with an exclusive
+  ``mkdir``, so two runs started at once get two folders) and a ``<parent>/latest`` symbolic
+  link to the newest one.
+
+Errors are :class:`~prostlab.errors.ProstlabError` naming the folder or file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from prostlab.errors import ProstlabError
+
+LATEST = "latest"
+"""Name of the link, in a runs folder, to the newest run."""
+
+_TMP_PREFIX = ".tmp-"
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.{path.name}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write ``path`` under; move it into place on success.
+
+    Usage::
+
+        with atomic_path(folder / "summary.json") as tmp:
+            tmp.write_text(text)
+
+    The parent folder must exist. If the block raises, or writes nothing, the temporary file is
+    removed and ``path`` is untouched (an exception is re-raised; an empty block is an error).
+    """
+    path = Path(path)
+    tmp = _temporary_name(path)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise ProstlabError(f"{path}: nothing was written to its temporary file {tmp.name}")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_path`); return ``path``."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def check_writable_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Create the folder ``path`` (with its parents) and check that files can be written in it.
+
+    A probe file is created and removed. Raises ``ProstlabError`` naming the folder when ``path``
+    is an existing file, cannot be created, or is not writable.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ProstlabError(f"{what} {path}: is an existing file; expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = _temporary_name(path / "probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ProstlabError(
+            f"{what} {path}: cannot write there ({reason}); expected a writable folder"
+        ) from exc
+    return path
+
+
+def fresh_output_dir(path: str | Path, overwrite: bool = False, what: str = "--out") -> Path:
+    """An output folder for one command's results: new or empty, or anything with ``overwrite``.
+
+    Raises ``ProstlabError`` naming the folder when it is a file, is not empty and ``overwrite``
+    is false, or is not writable (:func:`check_writable_dir`). Returns the folder, created.
+    """
+    path = Path(path)
+    if path.is_dir() and not overwrite and any(path.iterdir()):
+        raise ProstlabError(
+            f"{what} {path}: folder is not empty; pass --overwrite to replace its results, or "
+            "choose a new folder"
+        )
+    return check_writable_dir(path, what)
+
+
+def remove_stale(folder: str | Path, names: list[str], keep: list[Path]) -> list[Path]:
+    """Remove the files ``folder/name`` for ``name`` in ``names`` that are not in ``keep``.
+
+    Used after an ``--overwrite`` run has written its files, so that outputs of an earlier run
+    that this run did not produce (more DRRs, a label map) are not left beside the new ones.
+    Returns the removed paths.
+    """
+    kept = {Path(p).resolve() for p in keep}
+    removed = []
+    for name in names:
+        file = Path(folder) / name
+        if file.is_file() and file.resolve() not in kept:
+            file.unlink()
+            removed.append(file)
+    return removed
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def check_run_name(name: str, what: str = "run name") -> str:
+    """Return ``name`` if it can name a run folder: letters, digits and ``._+-``, not ``latest``."""
+    if not isinstance(name, str) or not _RUN_NAME.fullmatch(name) or name == LATEST:
+        raise ProstlabError(
+            f"{what}: {name!r}; expected a folder name of letters, digits and . _ + - "
+            f"(not starting with . or -, and not {LATEST!r})"
+        )
+    return name
+
+
+def timestamp() -> str:
+    """The local time as ``YYYY-MM-DD_HH-MM-SS``, a run name that sorts by date."""
+    return datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def new_run_dir(parent: str | Path, name: str | None = None, what: str = "output folder") -> Path:
+    """Create and return a new, empty run folder ``parent/name`` (``name`` defaults to
+    :func:`timestamp`).
+
+    When ``parent/name`` exists, ``name-2``, ``name-3``, ... are tried: each attempt is an
+    exclusive ``mkdir``, so concurrent callers never share a folder. ``parent`` is created and
+    checked for writability first (:func:`check_writable_dir`).
+    """
+    parent = check_writable_dir(parent, what)
+    name = check_run_name(name if name is not None else timestamp())
+    for attempt in range(1, 10_000):
+        folder = parent / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ProstlabError(
+                f"{what} {folder}: cannot create it ({exc.strerror}); expected a writable folder"
+            ) from exc
+        return check_writable_dir(folder, what)
+    raise ProstlabError(f"{what} {parent}: {name}-2 to {name}-9999 are all taken")
+
+
+def point_latest(parent: str | Path, run: str | Path) -> Path | None:
+    """Point the symbolic link ``parent/latest`` at the run folder ``run`` (relative link).
+
+    The link is replaced atomically (a new link is renamed over the old one). Returns the link,
+    or ``None`` when it cannot be made: the file system has no symbolic links, or ``latest`` is
+    a real file or folder, which is never replaced.
+    """
+    parent = Path(parent)
+    link = parent / LATEST
+    if link.exists() and not link.is_symlink():
+        return None
+    tmp = _temporary_name(link)
+    try:
+        os.symlink(Path(run).name, tmp, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return None
+    return link
+
+
+__all__ = [
+    "LATEST",
+    "atomic_path",
+    "check_run_name",
+    "check_writable_dir",
+    "fresh_output_dir",
+    "new_run_dir",
+    "point_latest",
+    "remove_stale",
+    "timestamp",
+    "write_text",
+]
