@@ -13,8 +13,11 @@ from PIL import Image, ImageSequence
 
 from prostlab.benchmark import (
     ROW_FIELDS,
+    bins_table,
+    capture_range,
     compare,
     markdown_table,
+    success_by_bin,
     summarise,
     validate_rows,
     write_cases_csv,
@@ -125,9 +128,13 @@ def test_summary_files_and_sentence(rows, tmp_path):
     assert document["methods"]["gradncc"]["median_switch_iteration"] is None
     assert document["methods"]["net"]["success_rate"] == pytest.approx(0.75)
     md = md_path.read_text()
-    assert "| method | cases | failed | success (mTRE < 10 mm) | median mTRE (mm) |" in md
-    assert "| net | 4 | 0 | 75.0 % | 3.00 | 6.75 |" in md
-    assert "| gradncc | 4 | 1 | 50.0 % | 9.00 |" in md
+    assert (
+        "| method | cases | failed | success (mTRE < 10 mm) | capture range (mm) | "
+        "median mTRE (mm) | mean mTRE (mm) | median mPD (mm) |"
+    ) in md
+    assert "| net | 4 | 0 | 75.0 % | – | 3.00 | 6.75 | 4.50 |" in md  # too few cases per bin
+    assert "| gradncc | 4 | 1 | 50.0 % | – | 9.00 |" in md
+    assert bins_table(s) in md and "single view resolves depth poorly" in md
     assert "pelvis_small" in md and "abc1234" in md
     assert markdown_table(s) in md
     assert compare(s, "net", "gradncc") == (
@@ -137,6 +144,90 @@ def test_summary_files_and_sentence(rows, tmp_path):
         compare(s, "net", "ncc")
     with pytest.raises(ProstlabError, match="meta.threshold_mm"):
         write_summary(s, tmp_path, {"threshold_mm": 5.0})
+
+
+def cases_at(method, initials_and_finals, start=0):
+    """Rows of ``method`` for (initial mTRE, final mTRE) pairs, cases numbered from ``start``."""
+    return [row(start + k, method, final, initial=initial)
+            for k, (initial, final) in enumerate(initials_and_finals)]
+
+
+def test_success_per_initial_mtre_bin():
+    rows = cases_at("m", [(0.0, 1.0), (9.99, 20.0), (10.0, 1.0), (55.0, NAN), (149.9, 2.0),
+                          (150.0, 3.0), (400.0, 50.0), (-1.0, 1.0), (NAN, 1.0)])
+    bins = success_by_bin(rows, 10.0)
+    assert [(b["lo_mm"], b["hi_mm"]) for b in bins] == [
+        (0.0, 10.0), (10.0, 20.0), (20.0, 40.0), (40.0, 60.0), (60.0, 80.0), (80.0, 100.0),
+        (100.0, 150.0), (150.0, None)]
+    assert [b["n"] for b in bins] == [2, 1, 0, 1, 0, 0, 1, 2]  # left-closed; -1 and NaN: no bin
+    assert [b["n_success"] for b in bins] == [1, 1, 0, 0, 0, 0, 1, 1]
+    assert bins[0]["success_rate"] == 0.5 and math.isnan(bins[2]["success_rate"])
+    assert [b["n"] for b in success_by_bin(rows, 10.0, [0, 100])] == [4, 3]
+    with pytest.raises(ProstlabError, match="bins_mm: expected increasing"):
+        success_by_bin(rows, 10.0, [0, 20, 10])
+
+
+def bins_of(*counts):
+    """Bins over the default edges from (n, n_success) pairs (missing bins are empty)."""
+    edges = [0, 10, 20, 40, 60, 80, 100, 150, None]
+    padded = list(counts) + [(0, 0)] * (8 - len(counts))
+    return [{"lo_mm": lo, "hi_mm": hi, "n": n, "n_success": k}
+            for lo, hi, (n, k) in zip(edges[:-1], edges[1:], padded, strict=True)]
+
+
+def test_capture_range_definition():
+    # Every measured bin >= 90 % up to 40-60, then 60-80 falls short: 60 mm.
+    assert capture_range(bins_of((10, 10), (10, 9), (10, 10), (10, 9), (10, 5))) == 60.0
+    # Bins past the first failure do not count, even when they succeed again.
+    assert capture_range(bins_of((10, 10), (10, 8), (10, 10))) == 10.0
+    # A thin bin (< 5 cases) neither stops nor extends the range: 20-40 with 2/4 is passed over,
+    # and the range does not end on the thin bin 60-80 that follows the last measured one.
+    assert capture_range(bins_of((10, 10), (10, 10), (4, 2), (10, 10), (3, 3))) == 60.0
+    # The first measured bin already fails: 0; no measured bin at all: None.
+    assert capture_range(bins_of((10, 8), (10, 10))) == 0.0
+    assert capture_range(bins_of((4, 4), (2, 2))) is None
+    # Success beyond the last edge: the range stops at the measurement's limit, 150 mm.
+    assert capture_range(bins_of(*[(10, 10)] * 8)) == 150.0
+    # The rate and the number of cases are knobs; exactly 90 % is inside.
+    assert capture_range(bins_of((10, 9), (10, 8)), rate=0.8) == 20.0
+    assert capture_range(bins_of((10, 10), (4, 1)), min_cases=4) == 10.0
+    with pytest.raises(ProstlabError, match="capture_rate"):
+        capture_range(bins_of(), rate=90)
+    with pytest.raises(ProstlabError, match="capture_min_cases"):
+        capture_range(bins_of(), min_cases=0)
+
+
+def test_summary_json_and_tables_report_bins_capture_and_mpd(tmp_path):
+    # 'wide' captures up to 40 mm (20-40 all succeed, 40-60 half); 'narrow' up to 10 mm.
+    pairs = [(5.0, 1.0)] * 5 + [(15.0, 1.0)] * 5 + [(30.0, 1.0)] * 5 + [(50.0, 1.0), (50.0, 30.0)] * 3
+    narrow = [(i, f if i < 10 else 40.0) for i, f in pairs]
+    rows = cases_at("wide", pairs) + cases_at("narrow", narrow)
+    s = summarise(rows, capture_min_cases=5)
+    assert s["wide"]["capture_range_mm"] == 40.0 and s["narrow"]["capture_range_mm"] == 10.0
+    assert s["wide"]["median_success_mpd_mm"] == pytest.approx(1.5)  # final mPD = 1.5 x mTRE
+    assert s["wide"]["median_final_mpd_mm"] == pytest.approx(1.5)
+    json_path, md_path = write_summary(s, tmp_path, {"config": "synthetic"},
+                                       figures=[("success per bin", "success_vs_initial.png"),
+                                                ("mTRE CDF", "mtre_cdf.png")])
+    methods = json.loads(json_path.read_text())["methods"]
+    wide = methods["wide"]
+    for key in ("capture_range_mm", "capture_rate", "capture_min_cases", "median_final_mpd_mm",
+                "median_success_mpd_mm", "success_by_initial_mtre"):
+        assert key in wide, key
+    assert wide["capture_rate"] == 0.9 and wide["capture_min_cases"] == 5
+    assert wide["success_by_initial_mtre"][3] == {
+        "lo_mm": 40.0, "hi_mm": 60.0, "n": 6, "n_success": 3, "success_rate": 0.5}
+    assert wide["success_by_initial_mtre"][-1]["hi_mm"] is None  # the open bin
+    assert wide["success_by_initial_mtre"][-1]["success_rate"] is None  # empty: NaN -> null
+    table = bins_table(s)
+    assert table.splitlines()[0].startswith("| method | 0–10 mm | 10–20 mm | 20–40 mm | 40–60 mm")
+    assert table.splitlines()[0].endswith("| ≥150 mm |")
+    assert "| wide | 100 % (5/5) | 100 % (5/5) | 100 % (5/5) | 50 % (3/6) | – |" in table
+    assert "| narrow | 100 % (5/5) | 0 % (0/5) |" in table
+    md = md_path.read_text()
+    assert md.index("![success per bin](success_vs_initial.png)") < md.index("| method |")
+    assert md.index("![mTRE CDF](mtre_cdf.png)") > md.index(table)
+    assert "| wide | 21 | 0 | 85.7 % | 40 |" in markdown_table(s)
 
 
 def test_validation_names_the_key(rows):
@@ -172,6 +263,8 @@ def test_figures_are_written(rows, tmp_path):
     many[3] = row(1, "net_gradncc", NAN, initial=many[3]["initial_mtre_mm"])
     _size_ok(plot_success_vs_initial(many, tmp_path / "a" / "success.png"), ".png")
     _size_ok(plot_success_vs_initial(rows, tmp_path / "s2.png", bins=[0, 15, 45]), ".png")
+    far = cases_at("m", [(5.0, 1.0), (120.0, 30.0), (300.0, 2.0)])  # the open bin is drawn
+    _size_ok(plot_success_vs_initial(far, tmp_path / "far.png", capture_min_cases=1), ".png")
     _size_ok(plot_mtre_cdf(many, tmp_path / "b" / "cdf.png"), ".png")
     with pytest.raises(ProstlabError, match="bins"):
         plot_success_vs_initial(rows, tmp_path / "x.png", bins=[10, 5])

@@ -6,6 +6,13 @@ summarises them per method and writes ``summary.json`` and ``summary.md``. Figur
 are in :mod:`prostlab.viz.report`. Files, columns and definitions: ``docs/benchmark.md``.
 """
 
+from prostlab.benchmark.capture import (
+    DEFAULT_BINS_MM,
+    DEFAULT_CAPTURE_MIN_CASES,
+    DEFAULT_CAPTURE_RATE,
+    capture_range,
+    success_by_bin,
+)
 from prostlab.benchmark.rows import (
     ROW_FIELDS,
     STATUSES,
@@ -16,6 +23,7 @@ from prostlab.benchmark.rows import (
 )
 from prostlab.benchmark.summary import (
     SUMMARY_FIELDS,
+    bins_table,
     check_threshold,
     compare,
     markdown_table,
@@ -24,14 +32,20 @@ from prostlab.benchmark.summary import (
 )
 
 __all__ = [
+    "DEFAULT_BINS_MM",
+    "DEFAULT_CAPTURE_MIN_CASES",
+    "DEFAULT_CAPTURE_RATE",
     "ROW_FIELDS",
     "STATUSES",
     "SUMMARY_FIELDS",
+    "bins_table",
+    "capture_range",
     "check_threshold",
     "is_failed",
     "compare",
     "markdown_table",
     "methods_in_order",
+    "success_by_bin",
     "summarise",
     "validate_rows",
     "write_cases_csv",

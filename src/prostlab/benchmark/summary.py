@@ -8,7 +8,9 @@ are in ``docs/benchmark.md``. In short:
 - it **succeeded** when it did not fail and its final mTRE is below ``threshold_mm``;
 - the final-error statistics (median and mean mTRE, median rotation, translation error and mPD)
   are taken over the cases that did not fail; iterations and seconds over all cases; the switch
-  iteration over the cases whose schedule switched (``switch_iteration >= 0``).
+  iteration over the cases whose schedule switched (``switch_iteration >= 0``);
+- success is also counted per initial-mTRE bin, and the bins give the **capture range**
+  (:mod:`prostlab.benchmark.capture`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from prostlab.benchmark.capture import (
+    DEFAULT_BINS_MM,
+    DEFAULT_CAPTURE_MIN_CASES,
+    DEFAULT_CAPTURE_RATE,
+    bin_label,
+    capture_range,
+    success_by_bin,
+)
 from prostlab.benchmark.rows import is_failed, methods_in_order, validate_rows
 from prostlab.errors import ProstlabError
 from prostlab.metrics.functional import DEFAULT_SUCCESS_THRESHOLD_MM
@@ -29,6 +39,7 @@ from prostlab.outputs import write_text
 
 __all__ = [
     "SUMMARY_FIELDS",
+    "bins_table",
     "check_threshold",
     "compare",
     "markdown_table",
@@ -42,16 +53,21 @@ SUMMARY_FIELDS = (
     "n_success",
     "success_rate",
     "threshold_mm",
+    "capture_range_mm",
+    "capture_rate",
+    "capture_min_cases",
     "median_final_mtre_mm",
     "mean_final_mtre_mm",
+    "median_final_mpd_mm",
+    "median_success_mpd_mm",
     "median_final_rotation_error_deg",
     "median_final_translation_error_mm",
-    "median_final_mpd_mm",
     "median_initial_mtre_mm",
     "median_iterations",
     "median_seconds",
     "n_switched",
     "median_switch_iteration",
+    "success_by_initial_mtre",
 )
 """The keys of each method's statistics, in order."""
 
@@ -79,7 +95,11 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def summarise(
-    rows: Sequence[Mapping[str, Any]], threshold_mm: float = DEFAULT_SUCCESS_THRESHOLD_MM
+    rows: Sequence[Mapping[str, Any]],
+    threshold_mm: float = DEFAULT_SUCCESS_THRESHOLD_MM,
+    bins_mm: Sequence[float] = DEFAULT_BINS_MM,
+    capture_rate: float = DEFAULT_CAPTURE_RATE,
+    capture_min_cases: int = DEFAULT_CAPTURE_MIN_CASES,
 ) -> dict[str, dict[str, Any]]:
     """Statistics per method, methods in first-seen order.
 
@@ -88,13 +108,20 @@ def summarise(
     - ``n_cases``: its rows; ``n_failed``: those with status ``"failed"`` or a non-finite final
       mTRE; ``n_success``: those that did not fail with final mTRE ``< threshold_mm``;
       ``success_rate = n_success / n_cases`` (a fraction in [0, 1]; NaN if no cases).
-    - ``median_final_mtre_mm``, ``mean_final_mtre_mm``, ``median_final_rotation_error_deg``,
-      ``median_final_translation_error_mm``, ``median_final_mpd_mm``: over the cases that did not
-      fail (non-finite values skipped), NaN when every case failed.
+    - ``capture_range_mm``: :func:`~prostlab.benchmark.capture.capture_range` of the bins at
+      ``capture_rate`` and ``capture_min_cases`` (both repeated in the dict); ``None`` when no
+      bin holds ``capture_min_cases`` cases.
+    - ``median_final_mtre_mm``, ``mean_final_mtre_mm``, ``median_final_mpd_mm``,
+      ``median_final_rotation_error_deg``, ``median_final_translation_error_mm``: over the cases
+      that did not fail (non-finite values skipped), NaN when every case failed.
+    - ``median_success_mpd_mm``: the mPD over the successful cases (how well they align on the
+      detector), NaN when none succeeded.
     - ``median_initial_mtre_mm``, ``median_iterations``, ``median_seconds``: over all cases.
     - ``n_switched``: cases with ``switch_iteration >= 0``; ``median_switch_iteration``: over those
       (NaN when none switched, e.g. a single-stage method).
     - ``threshold_mm``: the threshold used, so the dict presents itself.
+    - ``success_by_initial_mtre``: :func:`~prostlab.benchmark.capture.success_by_bin` over
+      ``bins_mm`` (a list of ``{lo_mm, hi_mm, n, n_success, success_rate}``, the open bin last).
 
     Success is recomputed from ``final_mtre_mm`` and ``threshold_mm``; the rows' own ``success``
     flag is not read, so a summary can re-threshold the same rows.
@@ -106,15 +133,21 @@ def summarise(
         mine = [row for row in rows if row["method"] == method]
         kept = [row for row in mine if not is_failed(row)]
         switched = [row for row in mine if row["switch_iteration"] >= 0]
-        n_success = sum(float(row["final_mtre_mm"]) < threshold_mm for row in kept)
+        succeeded = [row for row in kept if float(row["final_mtre_mm"]) < threshold_mm]
+        n_success = len(succeeded)
+        bins = success_by_bin(mine, threshold_mm, bins_mm)
         stats = {
             "n_cases": len(mine),
             "n_failed": len(mine) - len(kept),
             "n_success": int(n_success),
             "success_rate": n_success / len(mine),
             "threshold_mm": threshold_mm,
+            "capture_range_mm": capture_range(bins, capture_rate, capture_min_cases),
+            "capture_rate": capture_rate,
+            "capture_min_cases": capture_min_cases,
             "median_final_mtre_mm": _median([r["final_mtre_mm"] for r in kept]),
             "mean_final_mtre_mm": _mean([r["final_mtre_mm"] for r in kept]),
+            "median_success_mpd_mm": _median([r["final_mpd_mm"] for r in succeeded]),
             "median_final_rotation_error_deg": _median(
                 [r["final_rotation_error_deg"] for r in kept]
             ),
@@ -127,6 +160,7 @@ def summarise(
             "median_seconds": _median([r["seconds"] for r in mine]),
             "n_switched": len(switched),
             "median_switch_iteration": _median([r["switch_iteration"] for r in switched]),
+            "success_by_initial_mtre": bins,
         }
         summary[method] = {key: stats[key] for key in SUMMARY_FIELDS}
     return summary
@@ -169,10 +203,11 @@ def _percent(fraction: float) -> str:
 def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
     """A markdown table, one line per method, of the statistics of :func:`summarise`.
 
-    Columns: method, cases, failed, success rate (mTRE below the threshold, %), median and mean
-    final mTRE (mm), median rotation (deg) and translation (mm) errors, median iterations and
-    median seconds. mm and deg have 2 decimals, success 1; ``–`` marks an undefined value (every
-    case failed). It ends without a newline.
+    Columns: method, cases, failed, success rate (mTRE below the threshold, %), capture range
+    (mm), median and mean final mTRE (mm), median final mPD (mm), median rotation (deg) and
+    translation (mm) errors, median iterations and median seconds. mm and deg have 2 decimals,
+    success 1, the capture range 0 (it is a bin edge); ``–`` marks an undefined value (every case
+    failed, or no bin measured). It ends without a newline.
     """
     _check_summary(summary)
     thresholds = sorted({float(stats["threshold_mm"]) for stats in summary.values()})
@@ -184,8 +219,10 @@ def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
         "cases",
         "failed",
         f"success (mTRE < {threshold})",
+        "capture range (mm)",
         "median mTRE (mm)",
         "mean mTRE (mm)",
+        "median mPD (mm)",
         "median rot. error (deg)",
         "median trans. error (mm)",
         "median iterations",
@@ -201,13 +238,47 @@ def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
             str(s["n_cases"]),
             str(s["n_failed"]),
             _percent(s["success_rate"]),
+            _number(s["capture_range_mm"], 0),
             _number(s["median_final_mtre_mm"]),
             _number(s["mean_final_mtre_mm"]),
+            _number(s["median_final_mpd_mm"]),
             _number(s["median_final_rotation_error_deg"]),
             _number(s["median_final_translation_error_mm"]),
             _count(s["median_iterations"]),
             _number(s["median_seconds"]),
         )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bins_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
+    """A markdown table of success per initial-mTRE bin: one line per method, one column per bin.
+
+    A cell reads ``92 % (11/12)``: the success rate, then successes over cases; ``–`` marks an
+    empty bin. The header gives each bin's range in mm (the methods' bins must agree). It ends
+    without a newline.
+    """
+    _check_summary(summary)
+    layouts = {
+        tuple((b["lo_mm"], b["hi_mm"]) for b in stats["success_by_initial_mtre"])
+        for stats in summary.values()
+    }
+    if len(layouts) > 1:
+        raise ProstlabError("summary: expected the same initial-mTRE bins for all methods")
+    layout = next(iter(layouts), ())
+    header = ["method", *(f"{bin_label(lo, hi)} mm" for lo, hi in layout)]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * len(layout)) + "|",
+    ]
+    for method, stats in summary.items():
+        cells = [str(method).replace("|", "\\|")]
+        for b in stats["success_by_initial_mtre"]:
+            cells.append(
+                f"{100.0 * b['n_success'] / b['n']:.0f} % ({b['n_success']}/{b['n']})"
+                if b["n"]
+                else "–"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -240,7 +311,10 @@ _META_LABELS = (
 
 
 def write_summary(
-    summary: Mapping[str, Mapping[str, Any]], directory: str | Path, meta: Mapping[str, Any]
+    summary: Mapping[str, Mapping[str, Any]],
+    directory: str | Path,
+    meta: Mapping[str, Any],
+    figures: Sequence[tuple[str, str]] = (),
 ) -> tuple[Path, Path]:
     """Write ``summary.json`` and ``summary.md`` into ``directory`` (created if needed).
 
@@ -252,7 +326,9 @@ def write_summary(
 
     ``summary.json`` is ``{"meta": {...}, "methods": {method: statistics}}`` with NaN written as
     ``null`` (strict JSON). ``summary.md`` is a title, the meta as a list, the table of
-    :func:`markdown_table` and a line on how the statistics are taken.
+    :func:`markdown_table`, the table of :func:`bins_table`, a paragraph on how the statistics
+    are taken, and ``figures``: ``(caption, file name relative to directory)`` pairs, embedded in
+    the order given (the success-against-initial-mTRE figure first).
 
     Returns:
         ``(json_path, md_path)``.
@@ -291,16 +367,31 @@ def write_summary(
     for key, value in meta.items():
         if key not in known and value is not None:
             lines.append(f"- {key}: {value}")
+    first = next(iter(summary.values()), {})
+    rate = first.get("capture_rate", DEFAULT_CAPTURE_RATE)
+    min_cases = first.get("capture_min_cases", DEFAULT_CAPTURE_MIN_CASES)
+    for caption, name in figures[:1]:
+        lines += ["", f"![{caption}]({name})"]
     lines += [
         "",
         markdown_table(summary),
         "",
+        "Success per initial mTRE (mm):",
+        "",
+        bins_table(summary),
+        "",
         "A case fails when its registration diverged (status `failed`) or its final mTRE is not "
         "finite; it succeeds when it did not fail and its final mTRE is below the threshold. "
-        "Success rates are over all cases; mTRE and error statistics over the cases that did not "
-        "fail; iterations and time over all cases. Definitions: docs/benchmark.md.",
+        "Success rates are over all cases; mTRE, mPD and error statistics over the cases that did "
+        "not fail; iterations and time over all cases. The capture range is the upper edge of "
+        f"the last initial-mTRE bin up to which every bin of at least {min_cases} cases succeeds "
+        f"in at least {100 * rate:g} % (bins with fewer cases are passed over). mPD is measured "
+        "on the detector: a single view resolves depth poorly, so a pose off along the beam "
+        "axis has a small mPD and a large mTRE. Definitions: docs/benchmark.md.",
         "",
     ]
+    for caption, name in figures[1:]:
+        lines += [f"![{caption}]({name})", ""]
     md_path = directory / "summary.md"
     write_text(md_path, "\n".join(lines))
     return json_path, md_path

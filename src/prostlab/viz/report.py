@@ -19,6 +19,16 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from prostlab.benchmark.capture import (
+    DEFAULT_BINS_MM,
+    DEFAULT_CAPTURE_MIN_CASES,
+    DEFAULT_CAPTURE_RATE,
+    bin_edges,
+    bin_index,
+    bin_label,
+    capture_range,
+    success_by_bin,
+)
 from prostlab.benchmark.rows import is_failed, methods_in_order, validate_rows
 from prostlab.benchmark.summary import check_threshold
 from prostlab.errors import ProstlabError
@@ -66,99 +76,70 @@ def _rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return rows
 
 
-def _edges(rows: Sequence[Mapping[str, Any]], bins: int | Sequence[float]) -> np.ndarray:
-    """Bin edges in mm: at most ``bins`` equal bins of a round width (1, 2, 2.5 or 5 times a power
-    of ten) from 0 mm to past the largest initial mTRE; or the given increasing edges."""
-    if isinstance(bins, (int, np.integer)) and not isinstance(bins, bool):
-        if bins < 1:
-            raise ProstlabError(f"bins: expected a positive number of bins, got {bins}")
-        initial = [float(r["initial_mtre_mm"]) for r in rows]
-        finite = [v for v in initial if math.isfinite(v)]
-        if not finite:
-            raise ProstlabError("rows: expected some finite initial_mtre_mm to bin, got none")
-        top = max(finite)
-        step = top / bins
-        magnitude = 10 ** math.floor(math.log10(step)) if step > 0 else 1.0
-        nice = min(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= step)
-        count = max(1, min(bins, math.ceil(top / nice - 1e-9)))
-        return np.arange(count + 1) * nice
-    try:
-        edges = np.asarray(bins, dtype=float)
-    except (TypeError, ValueError):
-        edges = np.empty(0)
-    if edges.ndim != 1 or edges.size < 2 or not np.all(np.isfinite(edges)):
-        raise ProstlabError(
-            f"bins: expected a number of bins or at least two finite bin edges in mm, got {bins!r}"
-        )
-    if np.any(np.diff(edges) <= 0):
-        raise ProstlabError(f"bins: expected increasing bin edges, got {edges.tolist()}")
-    return edges
-
-
-def _bin_of(value: float, edges: np.ndarray) -> int | None:
-    """The bin index of ``value`` (bins closed on the left; the last one on both sides)."""
-    if not math.isfinite(value) or value < edges[0] or value > edges[-1]:
-        return None
-    return min(int(np.searchsorted(edges, value, side="right")) - 1, len(edges) - 2)
-
-
 def plot_success_vs_initial(
     rows: Sequence[Mapping[str, Any]],
     path: str | Path,
     threshold_mm: float = DEFAULT_SUCCESS_THRESHOLD_MM,
-    bins: int | Sequence[float] = 8,
+    bins: Sequence[float] = DEFAULT_BINS_MM,
+    capture_rate: float = DEFAULT_CAPTURE_RATE,
+    capture_min_cases: int = DEFAULT_CAPTURE_MIN_CASES,
 ) -> Path:
-    """Success rate (%) per method against the initial mTRE (mm), binned; one line per method.
+    """Success rate (%) per initial-mTRE bin, one curve per method: the capture-range figure.
 
-    A case succeeds when it did not fail and its final mTRE is below ``threshold_mm`` (as in
-    :func:`prostlab.benchmark.summarise`). ``bins`` is the largest number of equal bins of a round
-    width from 0 mm to past the largest initial mTRE, or explicit edges in mm; cases outside the edges are
-    left out. Each tick reads the bin's range and its number of cases ``n`` (distinct cases; every
-    method registers the same cases from the same initial poses). Empty bins leave a gap.
+    The bins are those of :func:`prostlab.benchmark.capture.success_by_bin` (``bins``: finite
+    edges in mm; an open bin follows the last) and are drawn side by side, one slot each, since
+    their widths differ. Empty bins leave a gap; empty bins past the last case are not drawn.
+    Each tick reads the bin's range and its number of cases ``n`` (distinct cases: every method
+    registers the same ones). Bins with fewer than ``capture_min_cases`` cases are hollow
+    markers: they do not count for the capture range. A dashed line marks ``capture_rate``, and
+    the legend gives each method's capture range (:func:`~prostlab.benchmark.capture_range`).
     """
     threshold_mm = check_threshold(threshold_mm)
     rows = _rows(rows)
-    edges = _edges(rows, bins)
-    n_bins = len(edges) - 1
+    edges = bin_edges(bins, "bins")
     methods = methods_in_order(rows)
     colours = _colours(methods)
-    cases_in_bin: list[set[int]] = [set() for _ in range(n_bins)]
-    hits = {m: np.zeros(n_bins) for m in methods}
-    totals = {m: np.zeros(n_bins) for m in methods}
-    for row in rows:
-        b = _bin_of(float(row["initial_mtre_mm"]), edges)
-        if b is None:
-            continue
-        cases_in_bin[b].add(int(row["case"]))
-        totals[row["method"]][b] += 1
-        ok = not is_failed(row) and float(row["final_mtre_mm"]) < threshold_mm
-        hits[row["method"]][b] += ok
-    centres = 0.5 * (edges[:-1] + edges[1:])
+    per_method = {
+        m: success_by_bin([r for r in rows if r["method"] == m], threshold_mm, edges)
+        for m in methods
+    }
+    cases_in_bin: list[set[int]] = [set() for _ in range(len(edges))]
+    for r in rows:
+        k = bin_index(float(r["initial_mtre_mm"]), edges)
+        if k is not None:
+            cases_in_bin[k].add(int(r["case"]))
+    shown = max((k + 1 for k, c in enumerate(cases_in_bin) if c), default=1)
+    slots = np.arange(shown)
 
-    fig = Figure(figsize=(max(6.4, 0.85 * n_bins + 1.5), 4.2), dpi=_DPI)
+    fig = Figure(figsize=(max(6.4, 0.85 * shown + 1.5), 4.2), dpi=_DPI)
     ax = fig.add_subplot()
+    ax.axhline(100.0 * capture_rate, color="0.4", ls="--", lw=1)
     for method in methods:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rate = np.where(totals[method] > 0, 100.0 * hits[method] / totals[method], np.nan)
-        ax.plot(centres, rate, marker="o", lw=1.8, ms=5, color=colours[method], label=method)
-    ax.set_xlim(edges[0], edges[-1])
+        counts = per_method[method][:shown]
+        rate = np.array([100.0 * b["success_rate"] for b in counts])
+        thin = np.array([b["n"] < capture_min_cases for b in counts])
+        reach = capture_range(counts, capture_rate, capture_min_cases)
+        label = f"{method}: capture " + ("–" if reach is None else f"{reach:g} mm")
+        colour = colours[method]
+        ax.plot(slots, rate, lw=1.8, color=colour, label=label)
+        ax.plot(slots[~thin], rate[~thin], "o", ms=5, color=colour)
+        ax.plot(slots[thin], rate[thin], "o", ms=5, mfc="white", color=colour)
+    ax.set_xlim(-0.5, shown - 0.5)
     ax.set_ylim(-4, 104)
-    ax.set_xticks(centres)
+    lows, highs = edges.tolist(), [*edges[1:].tolist(), None]
+    ax.set_xticks(slots)
     ax.set_xticklabels(
-        [
-            f"{lo:g}–{hi:g}\nn={len(c)}"
-            for lo, hi, c in zip(edges[:-1], edges[1:], cases_in_bin, strict=True)
-        ],
+        [f"{bin_label(lows[k], highs[k])}\nn={len(cases_in_bin[k])}" for k in range(shown)],
         fontsize=8,
     )
-    ax.set_xticks(edges, minor=True)
-    ax.grid(True, which="minor", axis="x", alpha=0.3)
-    ax.grid(True, which="major", axis="y", alpha=0.3)
-    ax.tick_params(axis="x", which="major", length=0)
+    ax.grid(True, axis="y", alpha=0.3)
     ax.set_xlabel("initial mTRE (mm), n = cases per bin")
     ax.set_ylabel(f"success rate (%), final mTRE < {threshold_mm:g} mm")
-    ax.set_title("Success against initial misalignment", fontsize=10)
-    ax.legend(fontsize=8, loc="best", frameon=True)
+    ax.set_title(
+        f"Capture range: success per initial-mTRE bin (dashed: {100 * capture_rate:g} %)",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8, loc="lower left", frameon=True)
     fig.tight_layout()
     return _save_figure(fig, path)
 
