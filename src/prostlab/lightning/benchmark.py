@@ -1,7 +1,8 @@
 """The registration benchmark that ``prostlab test`` runs in the Lightning test loop.
 
-Each test case is a ground-truth pose, a target X-ray rendered from the **whole CT** there
-(optionally with Poisson noise at ``photons`` per pixel) and an initial pose. Every method (a
+Each test case is a ground-truth pose, a target X-ray rendered from the **whole CT** there (at
+the moving volume's resolution, or finer, with detector blur and Poisson noise as ``target``
+says: :mod:`prostlab.lightning.targets`) and an initial pose. Every method (a
 named registration schedule) registers the same cases, moving the segmented bones (ProST's
 setting) or the whole CT. Each (case, method) gives one row of errors, iterations and time; the
 rows of all processes are gathered, sorted by case, and written as ``cases.csv``,
@@ -23,10 +24,16 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from prostlab.data.noise import poisson_noise
-from prostlab.data.poses import case_generator
+from prostlab.benchmark.capture import (
+    DEFAULT_BINS_MM,
+    DEFAULT_CAPTURE_MIN_CASES,
+    DEFAULT_CAPTURE_RATE,
+    bin_edges,
+    capture_range,
+)
 from prostlab.errors import ProstlabError
 from prostlab.lightning.benchmark_output import write_benchmark
+from prostlab.lightning.targets import TargetConfig, render_targets
 from prostlab.metrics.functional import (
     mean_projection_distance,
     mtre,
@@ -38,7 +45,6 @@ from prostlab.registration import Schedule, as_schedule, register
 
 DEFAULT_METHODS = {"gradncc": "gradncc", "ncc": "ncc", "net": "net",
                    "net_gradncc": "net_gradncc"}
-NOISE_STREAM = 3  # generator key of the noise draws, apart from the pose splits 0..2
 
 
 @dataclass
@@ -48,7 +54,13 @@ class BenchmarkConfig:
     Attributes:
         methods: name -> schedule (a preset of configs/registration or a schedule mapping).
         moving: the volume the methods render, "bone" (ProST) or "ct".
-        photons: unattenuated photons per pixel for Poisson noise on the targets; None: none.
+        target: how targets are rendered, a mapping of
+            :class:`~prostlab.lightning.targets.TargetConfig` fields (``volume: ct | fine``,
+            ``step_mm``, ``photons``, ``blur_mm``); empty: the moving CT's own DRR.
+        bins_mm: finite edges of the initial-mTRE bins the success is counted in, mm (an open
+            bin follows the last).
+        capture_rate: the success fraction every bin inside the capture range reaches.
+        capture_min_cases: cases a bin needs to count for the capture range.
         output_dir: the folder of the runs; each run writes its tables and figures into a new
             folder ``output_dir/<run_name>`` and points ``output_dir/latest`` at it.
         run_name: the run's folder name; None: the start time, ``YYYY-MM-DD_HH-MM-SS``. A name
@@ -62,7 +74,10 @@ class BenchmarkConfig:
 
     methods: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_METHODS))
     moving: str = "bone"
-    photons: float | None = None
+    target: dict[str, Any] = field(default_factory=dict)
+    bins_mm: list[float] = field(default_factory=lambda: list(DEFAULT_BINS_MM))
+    capture_rate: float = DEFAULT_CAPTURE_RATE
+    capture_min_cases: int = DEFAULT_CAPTURE_MIN_CASES
     output_dir: str = "results/benchmark"
     run_name: str | None = None
     overlays: int = 4
@@ -73,6 +88,9 @@ class BenchmarkConfig:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> BenchmarkConfig:
         config = dict(config or {})
+        if "photons" in config:
+            raise ProstlabError("model.benchmark.photons: moved; expected "
+                                "model.benchmark.target.photons")
         unknown = sorted(set(config) - set(cls.__dataclass_fields__))
         if unknown:
             raise ProstlabError(f"model.benchmark: unknown key(s) {unknown}; expected among "
@@ -85,7 +103,18 @@ class BenchmarkConfig:
             raise ProstlabError("model.benchmark.methods: expected at least one method")
         if made.run_name is not None:
             check_run_name(made.run_name, "model.benchmark.run_name")
+        TargetConfig.from_config(made.target)  # refused now, not at the first case
+        made.bins_mm = bin_edges(made.bins_mm, "model.benchmark.bins_mm").tolist()
+        try:
+            capture_range([], made.capture_rate, made.capture_min_cases)
+        except ProstlabError as exc:
+            raise ProstlabError(f"model.benchmark.{exc}") from exc
         return made
+
+    @property
+    def target_config(self) -> TargetConfig:
+        """``target`` as a validated :class:`~prostlab.lightning.targets.TargetConfig`."""
+        return TargetConfig.from_config(self.target)
 
     def schedules(self) -> dict[str, Schedule]:
         """Each method's schedule, validated (errors name the method)."""
@@ -113,17 +142,6 @@ class CaseOutcome:
     final: torch.Tensor  # (6,)
     gt: torch.Tensor  # (6,)
     volume_index: int
-
-
-def noisy_targets(clean: torch.Tensor, photons: float | None, seed: int,
-                  cases: torch.Tensor) -> torch.Tensor:
-    """Targets with each case's own seeded noise, so that noise does not depend on batching."""
-    if photons is None:
-        return clean
-    return torch.stack([
-        poisson_noise(image, photons, case_generator(seed, NOISE_STREAM, int(case)))
-        for image, case in zip(clean, cases, strict=True)
-    ])
 
 
 def case_rows(method: str, batch_cases: torch.Tensor, volume_index: int, gt: torch.Tensor,
@@ -180,6 +198,9 @@ class BenchmarkLoop:
         self.bench_folder: Path | None = None
         if self.trainer.global_rank == 0:
             self.bench_folder = new_run_dir(self.bench.output_dir, self.bench.run_name, what)
+        if self.bench.target_config.volume == "fine":
+            datamodule = self.trainer.datamodule
+            self.volumes.keep_fine(datamodule.full_resolution_cts(datamodule.split["test"]))
         if any("net" in [s.similarity for s in sch.stages] for sch in self.bench_schedules.values()):
             if self.trainer.ckpt_path is None:
                 rank_zero_warn("test: no --ckpt_path; the 'net' methods use an untrained network")
@@ -199,9 +220,8 @@ class BenchmarkLoop:
                  batch_size=len(batch["case"]))
 
     def _benchmark_group(self, view, volume_index, gt, initial, cases) -> None:
-        with torch.no_grad():
-            clean = self.net.projector(view.ct, view.spacing, gt)
-        target = noisy_targets(clean, self.bench.photons, self.trainer.datamodule.seed, cases)
+        target = render_targets(self.bench.target_config, self.net.projector, view, gt, cases,
+                                self.trainer.datamodule.seed)
         moving = view.bone if self.bench.moving == "bone" else view.ct
         for method, schedule in self.bench_schedules.items():
             result = register(target, initial, schedule, projector=self.net.projector,
@@ -233,4 +253,4 @@ def _gathered(items: list) -> list:
     return [item for part in everyone for item in part]
 
 
-__all__ = ["BenchmarkConfig", "BenchmarkLoop", "CaseOutcome", "case_rows", "noisy_targets"]
+__all__ = ["BenchmarkConfig", "BenchmarkLoop", "CaseOutcome", "case_rows"]

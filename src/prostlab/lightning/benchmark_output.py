@@ -17,6 +17,13 @@ from prostlab.viz.report import (
     save_registration_gif,
 )
 
+_CAPTIONS = {
+    "success_vs_initial": "success per initial-mTRE bin (the capture range)",
+    "mtre_cdf": "final mTRE, cumulative",
+    "overlays": "overlays: target magenta, DRR green, aligned anatomy grey",
+    "registration": "one registration, iteration by iteration",
+}
+
 
 def _render(module, outcome, poses: torch.Tensor) -> torch.Tensor:
     """(T, h, w) DRRs of the moving volume of ``outcome`` at ``poses`` (T, 6)."""
@@ -35,19 +42,20 @@ def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
     folder = Path(module.bench_folder)
     threshold = module.hparams.success_threshold_mm
     write_cases_csv(rows, folder / "cases.csv")
-    summary = summarise(rows, threshold)
+    capture = {"capture_rate": config.capture_rate,
+               "capture_min_cases": config.capture_min_cases}
+    summary = summarise(rows, threshold, config.bins_mm, **capture)
     meta = {
         "checkpoint": str(module.trainer.ckpt_path),
         "threshold_mm": threshold,
-        "photons": config.photons,
+        "target": config.target_config.as_dict(),
         "moving": config.moving,
         "run": folder.name,
         "methods": {k: (v if isinstance(v, str) else "custom") for k, v in config.methods.items()},
     }
-    write_summary(summary, folder, meta)
-    figures = {
+    figures = {  # the capture-range figure first: it is the headline
         "success_vs_initial": plot_success_vs_initial(rows, folder / "success_vs_initial.png",
-                                                      threshold_mm=threshold),
+                                                      threshold, config.bins_mm, **capture),
         "mtre_cdf": plot_mtre_cdf(rows, folder / "mtre_cdf.png"),
     }
     last = list(module.bench_schedules)[-1]
@@ -70,6 +78,8 @@ def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
         figures["registration"] = save_registration_gif(frames, o.target,
                                                         folder / "registration.gif",
                                                         titles=titles)
+    write_summary(summary, folder, meta,
+                  [(_CAPTIONS[name], Path(path).name) for name, path in figures.items()])
     table = markdown_table(summary)
     latest = point_latest(config.output_dir, folder)
     also = f" (also {latest}/)" if latest is not None else ""
@@ -82,3 +92,6 @@ def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
             if str(path).endswith(".png"):
                 logger.log_image(key=f"test/{name}", images=[str(path)])
         logger.experiment.summary["test/summary_md"] = table
+        for method, stats in summary.items():
+            logger.experiment.summary[f"test/{method}/capture_range_mm"] = (
+                stats["capture_range_mm"])
