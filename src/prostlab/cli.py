@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from prostlab.errors import ProstlabError
+from prostlab.resources import resolve_config
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -97,15 +98,57 @@ def _render(args: argparse.Namespace) -> None:
     )
 
 
+LIGHTNING_HELP = {
+    "fit": "train the convex similarity network",
+    "validate": "score a checkpoint on the validation poses",
+    "test": "benchmark registration methods -> tables, figures",
+}
+"""One line of ``prostlab --help`` per LightningCLI subcommand; each has its own ``--help``."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prostlab")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from prostlab import __version__
+
+        return __version__
+
+
+def _epilog() -> str:
+    from prostlab.resources import config_names
+
+    try:
+        names = ", ".join(config_names())
+    except ProstlabError:
+        names = "none found (a broken install)"
+    return (
+        "fit, validate and test are LightningCLI commands (prostlab fit --help lists their "
+        "flags). Their --config (and render's) takes a YAML file or the name of a config shipped "
+        f"with prostlab: {names}. Example: prostlab test --config tiny."
+    )
+
+
+def _config_arg(value: str) -> str:
+    try:
+        return resolve_config(value)
+    except ProstlabError as error:  # argparse prints this message, on one line, with status 2
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prostlab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="prostlab",
+        description="Prepare CTs, render DRRs, train the ProST similarity network and "
+        "benchmark 2D/3D registration.",
+        epilog=_epilog(),
+    )
+    parser.add_argument("--version", action="version", version=f"prostlab {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in LIGHTNING_COMMANDS:
-        sub.add_parser(
-            name,
-            help=f"{name} (LightningCLI, see `prostlab {name} --help`; test runs the "
-            "registration benchmark)",
-        )
+        sub.add_parser(name, help=LIGHTNING_HELP[name])
 
     prep = sub.add_parser("prepare", help="CT (+ labels) -> attenuation cube, segmented CT")
     prep.add_argument("--ct", required=True, help="CT in HU: NIfTI file or DICOM series folder")
@@ -140,7 +183,11 @@ def _parser() -> argparse.ArgumentParser:
         help="a pose: rotation vector in degrees, translation in mm (repeatable)",
     )
     ren.add_argument("--poses", help="CSV with columns rx_deg,ry_deg,rz_deg,tx_mm,ty_mm,tz_mm")
-    ren.add_argument("--config", help="YAML whose camera section sets the camera")
+    ren.add_argument(
+        "--config",
+        type=_config_arg,
+        help="YAML whose camera section sets the camera, or a shipped config's name (pelvis)",
+    )
     ren.add_argument("--sdd", type=float, help="source-to-detector distance, mm")
     ren.add_argument("--sid", type=float, help="source-to-isocentre distance, mm")
     ren.add_argument("--height", type=int, help="detector rows")
@@ -159,6 +206,17 @@ def _parser() -> argparse.ArgumentParser:
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
+def _shipped_configs(argv: list[str]) -> list[str]:
+    """``--config NAME`` of a config shipped with prostlab (``tiny``, ``cpu``) -> its file."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            argv[i + 1] = resolve_config(argv[i + 1])
+        elif arg.startswith("--config="):
+            argv[i] = "--config=" + resolve_config(arg.removeprefix("--config="))
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prostlab`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -166,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         from prostlab.lightning.cli import run_lightning
 
         try:
+            from_command_line = argv == sys.argv[1:]
+            argv = _shipped_configs(argv)
+            if from_command_line:  # LightningCLI reads sys.argv itself (it warns if given both)
+                sys.argv[1:] = argv
             run_lightning(argv)
         except ProstlabError as exc:
             print(f"prostlab {argv[0]}: error: {exc}", file=sys.stderr)

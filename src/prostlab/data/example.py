@@ -5,21 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from prostlab.errors import ProstlabError
+from prostlab.resources import example_data_dir
 
 EXAMPLE_NAME = "chest_ct_128"
 
 
 def example_path(name: str = EXAMPLE_NAME) -> Path:
-    """The directory of a bundled prepared example, ``<repository>/data/<name>``.
+    """The directory of a bundled prepared example, ``data/<name>`` of the repository.
 
     It holds ``ct_mu.nii.gz``, ``bone_mu.nii.gz``, ``labels.nii.gz`` and ``meta.json``; load it
-    with :func:`prostlab.data.load_prepared`. The examples ship with the source repository (they
-    sit beside ``src/``), not with an installed wheel.
+    with :func:`prostlab.data.load_prepared`. The examples ship inside the package (as
+    ``prostlab.example_data``, about 7.4 MB), so a wheel install has them too.
     """
-    path = Path(__file__).resolve().parents[3] / "data" / name
+    root = example_data_dir()
+    path = root / name
     if not (path / "meta.json").is_file():
+        names = sorted(p.name for p in root.iterdir() if (p / "meta.json").is_file())
         raise ProstlabError(
-            f"{path}: bundled example {name!r} not found; it ships with the source repository "
-            "(data/ beside src/). Use a source checkout, or run `prostlab prepare` on your own CT"
+            f"{path}: bundled example {name!r} not found; expected one of {names}. If the "
+            "install lacks data/, reinstall prostlab, or run `prostlab prepare` on your own CT"
         )
     return path

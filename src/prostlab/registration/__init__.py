@@ -21,17 +21,16 @@ from prostlab.registration.engine import (
 )
 from prostlab.registration.schedule import (
     OPTIMIZERS,
-    PRESET_DIR,
     SIMILARITIES,
     Schedule,
     Stage,
     load_schedule,
+    preset_dir,
     preset_names,
 )
 
 __all__ = [
     "OPTIMIZERS",
-    "PRESET_DIR",
     "SIMILARITIES",
     "STATUSES",
     "ObjectiveFactory",
@@ -42,6 +41,7 @@ __all__ = [
     "as_schedule",
     "load_schedule",
     "optimise",
+    "preset_dir",
     "preset_names",
     "register",
     "stack_final_poses",

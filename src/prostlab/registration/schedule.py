@@ -17,7 +17,9 @@ rotation being weighed by how far it moves a point at distance ``r`` from the vo
 - ``adam``: Adam on ``u`` with ``betas = (momentum, 0.999)``; a step moves about ``lr`` mm per
   coordinate (``lr / r`` rad for rotations), whatever the objective's scale.
 
-Presets live in ``configs/registration/*.yaml``; :func:`load_schedule` reads them by name or path.
+Presets live in ``configs/registration/*.yaml``, shipped inside the package as
+``prostlab.configs`` (:func:`prostlab.resources.preset_dir`); :func:`load_schedule` reads them by
+name or path.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from prostlab.errors import ProstlabError
+from prostlab.resources import preset_dir
 
 __all__ = [
     "OPTIMIZERS",
-    "PRESET_DIR",
     "SIMILARITIES",
     "Schedule",
     "Stage",
     "load_schedule",
+    "preset_dir",
     "preset_names",
 ]
 
@@ -46,10 +49,6 @@ SIMILARITIES = ("ncc", "gradncc", "net")
 
 OPTIMIZERS = ("sgd", "adam")
 """Optimisers a stage may use."""
-
-PRESET_DIR = Path(__file__).resolve().parents[3] / "configs" / "registration"
-"""Where the named presets live: ``configs/registration`` of the source repository."""
-
 
 def _number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -233,16 +232,16 @@ def _plain(config: object) -> object:
 
 
 def preset_names() -> list[str]:
-    """Names of the bundled presets (``configs/registration/<name>.yaml``)."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """Names of the bundled presets (``configs/registration/<name>.yaml``, in the package)."""
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
 
 
 def load_schedule(name_or_path: str | Path) -> Schedule:
     """Load a schedule from a YAML file, or a bundled preset by name (e.g. ``"gradncc"``).
 
     A value that names an existing file, or ends in ``.yaml``/``.yml``, is read as a path; any
-    other is looked up in :data:`PRESET_DIR`. The YAML holds what :meth:`Schedule.from_config`
-    reads; OmegaConf interpolations are resolved.
+    other is looked up among the presets shipped in the package (:func:`preset_dir`). The YAML
+    holds what :meth:`Schedule.from_config` reads; OmegaConf interpolations are resolved.
     """
     import yaml
     from omegaconf import OmegaConf
@@ -251,7 +250,7 @@ def load_schedule(name_or_path: str | Path) -> Schedule:
     text = str(name_or_path)
     path = Path(text)
     if not (path.suffix in (".yaml", ".yml") or path.is_file()):
-        path = PRESET_DIR / f"{text}.yaml"
+        path = preset_dir() / f"{text}.yaml"
         if not path.is_file():
             raise ProstlabError(
                 f"schedule: expected a YAML file or a preset name among {preset_names()}, "
