@@ -132,3 +132,193 @@ def test_prepare_writes_a_loadable_folder(tmp_path):
     prepared = load_prepared(out)
     assert prepared.ct.shape == (1, 16, 16, 16)
     assert prepared.bone.data.sum() > 0
+
+
+# ---------------------------------------------------------------- output folders (issue 11)
+
+
+def _mu_nifti(path, value=0.02, shape=(16, 16, 16), spacing=4.0):
+    """A small NIfTI of attenuation (1/mm): a cube of ``value`` in air."""
+    import nibabel as nib
+
+    mu = np.zeros(shape, dtype=np.float32)
+    mu[4:12, 4:12, 4:12] = value
+    nib.save(nib.Nifti1Image(mu, np.diag([spacing] * 3 + [1.0])), path)
+    return path
+
+
+def _ct_nifti(folder, slice_mm=2.0, labels=True):
+    """A small CT in HU (a bright block in air) and its label map (id 3) in ``folder``."""
+    import nibabel as nib
+
+    hu = np.full((20, 18, 16), -1000.0, dtype=np.float32)
+    hu[6:14, 5:13, 4:12] = 700.0
+    affine = np.diag([1.5, 1.5, slice_mm, 1.0])
+    nib.save(nib.Nifti1Image(hu, affine), folder / "ct.nii.gz")
+    if labels:
+        ids = np.zeros(hu.shape, dtype=np.uint8)
+        ids[6:14, 5:13, 4:12] = 3
+        nib.save(nib.Nifti1Image(ids, affine), folder / "labels.nii.gz")
+    return folder / "ct.nii.gz", folder / "labels.nii.gz"
+
+
+def _render(tmp_path, out, *extra):
+    volume = _mu_nifti(tmp_path / "mu.nii.gz")
+    return main(["render", "--volume", str(volume), "--out", str(out), *SMALL, *extra])
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_render_refuses_a_non_empty_folder_and_overwrite_replaces_stale_drrs(tmp_path, capsys):
+    out = tmp_path / "drr"
+    assert _render(tmp_path, out, "--pose", *["0"] * 6, "--pose", *["0"] * 5, "30") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["drr_000.png", "drr_001.png", "drrs.npy"]
+    before = (out / "drrs.npy").read_bytes()
+    assert _render(tmp_path, out) == 2
+    err = _error(capsys)
+    assert str(out) in err and "--overwrite" in err
+    assert (out / "drrs.npy").read_bytes() == before  # nothing replaced
+    assert _render(tmp_path, out, "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["drr_000.png", "drrs.npy"]  # no stale 001
+    assert np.load(out / "drrs.npy").shape[0] == 1
+
+
+@pytest.mark.parametrize("command", ["render", "prepare"])
+@pytest.mark.parametrize("where", ["file", "below_file"])
+def test_out_that_is_a_file_or_unwritable_is_one_line(tmp_path, capsys, command, where):
+    (tmp_path / "taken").write_text("a file")
+    out = tmp_path / "taken" if where == "file" else tmp_path / "taken" / "sub"
+    if command == "render":
+        code = _render(tmp_path, out)
+    else:
+        ct, _ = _ct_nifti(tmp_path, labels=False)
+        code = main(["prepare", "--ct", str(ct), "--out", str(out), "--size", "8"])
+    assert code == 2
+    err = _error(capsys)
+    assert str(out) in err and ("existing file" in err or "cannot write" in err)
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_prepare_refuses_a_non_empty_folder_and_overwrite_removes_stale_files(tmp_path, capsys):
+    ct, labels = _ct_nifti(tmp_path)
+    out = tmp_path / "prepared"
+    args = ["prepare", "--ct", str(ct), "--out", str(out), "--size", "8"]
+    assert main([*args, "--labels", str(labels), "--bones", "3"]) == 0
+    assert (out / "labels.nii.gz").is_file()
+    assert main(args) == 2
+    assert str(out) in _error(capsys)
+    assert main([*args, "--overwrite"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["ct_mu.nii.gz", "meta.json"]  # the earlier bones and labels are gone
+
+
+def test_a_refused_job_leaves_no_new_output_folder(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["render", "--volume", str(tmp_path / "absent.nii.gz"), "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- input values (issue 11)
+
+
+@pytest.mark.parametrize("mu_water", ["nan", "-0.02", "0", "inf"])
+def test_prepare_refuses_non_finite_or_non_positive_mu_water(tmp_path, capsys, mu_water):
+    ct, _ = _ct_nifti(tmp_path, labels=False)
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--ct", str(ct), "--out", str(out), "--size", "8",
+                 "--mu-water", mu_water]) == 2
+    assert "mu_water" in _error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mu_water", [float("nan"), -0.02, 0.0])
+def test_library_refuses_bad_mu_water(tmp_path, mu_water):
+    from prostlab.data import hu_to_mu, prepare_ct
+    from prostlab.errors import ProstlabError
+
+    with pytest.raises(ProstlabError, match="mu_water"):
+        hu_to_mu(np.zeros(3), mu_water=mu_water)
+    ct, _ = _ct_nifti(tmp_path, labels=False)
+    with pytest.raises(ProstlabError, match="mu_water"):
+        prepare_ct(ct, None, tmp_path / "out", size=8, mu_water=mu_water)
+
+
+def test_render_refuses_a_volume_in_hounsfield_units(tmp_path, capsys):
+    import nibabel as nib
+
+    hu = np.full((16, 16, 16), -1000.0, dtype=np.float32)
+    hu[4:12, 4:12, 4:12] = 400.0
+    nib.save(nib.Nifti1Image(hu, np.diag([4.0, 4.0, 4.0, 1.0])), tmp_path / "ct_hu.nii.gz")
+    out = tmp_path / "drr"
+    assert main(["render", "--volume", str(tmp_path / "ct_hu.nii.gz"), "--out", str(out),
+                 *SMALL]) == 2
+    err = _error(capsys)
+    assert "ct_hu.nii.gz" in err and "Hounsfield" in err and "prostlab prepare" in err
+    assert not out.exists()
+
+
+def test_prepare_refuses_slices_of_500_mm(tmp_path, capsys):
+    ct, labels = _ct_nifti(tmp_path, slice_mm=500.0)
+    assert main(["prepare", "--ct", str(ct), "--labels", str(labels), "--bones", "3",
+                 "--out", str(tmp_path / "prepared"), "--size", "16"]) == 2
+    err = _error(capsys)
+    assert "ct.nii.gz" in err and "voxel spacing" in err and "500" in err
+
+
+def test_prepare_refuses_a_cube_in_which_the_bones_vanish(tmp_path, capsys):
+    ct, labels = _ct_nifti(tmp_path)
+    assert main(["prepare", "--ct", str(ct), "--labels", str(labels), "--bones", "3",
+                 "--out", str(tmp_path / "prepared"), "--size", "8", "--side-mm", "5000"]) == 2
+    err = _error(capsys)
+    assert "labels.nii.gz" in err and "vanish" in err
+    assert not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--step", "1e-6"], "samples along a ray"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--batch-size", "-3"], "batch_size"),
+        (["--device", "gpu"], "not a torch device"),
+        (["--device", "meta"], "not supported"),
+        (["--height", "200000", "--width", "200000"], "needs about"),
+    ],
+)
+def test_render_refuses_bad_values_before_rendering(tmp_path, capsys, extra, needle):
+    out = tmp_path / "drr"
+    assert _render(tmp_path, out, *extra) == 2
+    err = _error(capsys)
+    assert err.startswith("prostlab render: error:") and needle in err
+    assert not out.exists()
+
+
+def test_render_refuses_cuda_without_cuda(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _render(tmp_path, tmp_path / "drr", "--device", "cuda:0") == 2
+    err = _error(capsys)
+    assert "cuda:0" in err and "CUDA" in err
+
+
+def test_render_refuses_a_cuda_index_past_the_device_count(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _render(tmp_path, tmp_path / "drr", "--device", "cuda:3") == 2
+    assert "1 CUDA device" in _error(capsys)
+
+
+def test_prepare_refuses_a_size_that_cannot_fit_in_memory(tmp_path, capsys):
+    ct, _ = _ct_nifti(tmp_path, labels=False)
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--ct", str(ct), "--out", str(out), "--size", "100000"]) == 2
+    err = _error(capsys)
+    assert "size 100000" in err and "needs about" in err and "available" in err
+    assert not out.exists()

@@ -7,7 +7,6 @@ with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -31,12 +30,21 @@ def _prepare(args: argparse.Namespace) -> None:
         side_mm=args.side_mm,
         margin_mm=args.margin_mm,
         mu_water=args.mu_water,
+        overwrite=args.overwrite,
     )
     for key, path in written.items():
         print(f"{key:>10}: {path}")
 
 
 def _render(args: argparse.Namespace) -> None:
+    from prostlab.outputs import output_folder
+
+    # The output folder is checked (new, or empty, or --overwrite; writable) before any work.
+    with output_folder(args.out, args.overwrite) as out:
+        _render_into(out, args)
+
+
+def _render_into(out: Path, args: argparse.Namespace) -> None:
     from rich.progress import Progress
 
     from prostlab.data import example_path
@@ -48,8 +56,8 @@ def _render(args: argparse.Namespace) -> None:
         poses_from_degrees,
         read_pose_csv,
         render_poses,
+        write_drrs,
     )
-    from prostlab.viz.images import save_drr_png
 
     volume = load_volume(args.volume or example_path(), which=args.which)
     if args.poses:
@@ -67,8 +75,6 @@ def _render(args: argparse.Namespace) -> None:
     if overrides:
         camera = Camera.from_dict({**camera.to_dict(), **overrides})
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with Progress(transient=True) as progress:
         task = progress.add_task("rendering", total=len(poses))
         images = render_poses(
@@ -81,17 +87,7 @@ def _render(args: argparse.Namespace) -> None:
             args.batch_size,
             lambda n: progress.advance(task, n),
         )
-    np_path = out / "drrs.npy"
-    import numpy as np
-
-    np.save(np_path, images)
-    degrees = poses.clone()
-    degrees[:, :3] *= 180.0 / math.pi
-    for i, image in enumerate(images):
-        title = "rotation (deg) {:.1f} {:.1f} {:.1f}, translation (mm) {:.1f} {:.1f} {:.1f}".format(
-            *degrees[i].tolist()
-        )
-        save_drr_png(out / f"drr_{i:03d}.png", image[0], colorbar=args.colorbar, title=title)
+    np_path = write_drrs(out, images, poses, args.colorbar, args.overwrite)
     print(
         f"wrote {len(images)} DRR(s) of {camera.height}x{camera.width} to {out}/ "
         f"(drr_*.png, {np_path.name}: array {tuple(images.shape)})"
@@ -164,6 +160,9 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--side-mm", type=float, help="cube edge in mm (default: fit the bones)")
     prep.add_argument("--margin-mm", type=float, default=0.0, help="margin around the bones, mm")
     prep.add_argument("--mu-water", type=float, default=0.02683, help="mu of water, 1/mm")
+    prep.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --out (replacing)"
+    )
     prep.set_defaults(run=_prepare)
 
     ren = sub.add_parser("render", help="DRRs of a volume at given poses -> PNG and .npy")
@@ -199,6 +198,9 @@ def _parser() -> argparse.ArgumentParser:
     ren.add_argument("--batch-size", type=int, default=8, help="poses rendered at once")
     ren.add_argument("--colorbar", action="store_true", help="PNG with a colour bar and title")
     ren.add_argument("--out", default="drr", help="output folder (default ./drr)")
+    ren.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --out (replacing)"
+    )
     ren.set_defaults(run=_render)
     return parser
 

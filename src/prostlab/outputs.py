@@ -11,7 +11,8 @@ Every command that writes results uses these helpers:
 * :func:`check_writable_dir` creates a folder (and its parents) and writes and removes a probe
   file in it, so an unwritable output folder is refused *before* the work starts.
 * :func:`fresh_output_dir` is the rule of ``prostlab render`` and ``prostlab prepare``: the folder
-  must be empty (or new) unless ``overwrite`` is set.
+  must be empty (or new) unless ``overwrite`` is set. :func:`output_folder` applies it for the
+  length of a job and removes the folder again if the job fails before writing into it.
 * :func:`new_run_dir` and :func:`point_latest` give each ``prostlab test`` run its own folder
   ``<parent>/<name>`` (``<name>-2``, ``<name>-3``, ... when taken; created with an exclusive
   ``mkdir``, so two runs started at once get two folders) and a ``<parent>/latest`` symbolic
@@ -106,10 +107,29 @@ def fresh_output_dir(path: str | Path, overwrite: bool = False, what: str = "--o
     path = Path(path)
     if path.is_dir() and not overwrite and any(path.iterdir()):
         raise ProstlabError(
-            f"{what} {path}: folder is not empty; pass --overwrite to replace its results, or "
+            f"{what} {path}: is not empty; pass --overwrite to replace its results, or "
             "choose a new folder"
         )
     return check_writable_dir(path, what)
+
+
+@contextlib.contextmanager
+def output_folder(path: str | Path, overwrite: bool = False, what: str = "--out") -> Iterator[Path]:
+    """:func:`fresh_output_dir` for the duration of a job.
+
+    If the block raises and this call created the folder, the folder is removed again when it is
+    still empty, so a refused job leaves nothing behind.
+    """
+    path = Path(path)
+    existed = path.exists()
+    folder = fresh_output_dir(path, overwrite, what)
+    try:
+        yield folder
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only succeeds while empty
+        raise
 
 
 def remove_stale(folder: str | Path, names: list[str], keep: list[Path]) -> list[Path]:
@@ -200,6 +220,7 @@ __all__ = [
     "check_writable_dir",
     "fresh_output_dir",
     "new_run_dir",
+    "output_folder",
     "point_latest",
     "remove_stale",
     "timestamp",

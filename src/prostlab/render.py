@@ -2,6 +2,12 @@
 
 Poses come in degrees and millimetres, as a researcher types them: ``(rx, ry, rz)`` is a rotation
 vector in degrees (axis times angle, docs/geometry.md) and ``(tx, ty, tz)`` a translation in mm.
+
+Refused before rendering: a NIfTI volume with attenuation below :data:`MIN_MU` (it looks like a
+CT in Hounsfield units), a batch size below 1, a device this machine lacks
+(:func:`prostlab.limits.resolve_device`), a job whose memory estimate
+(:func:`render_memory_bytes`) exceeds what is available, and a step that takes more than
+:data:`prostlab.projector.rays.MAX_SAMPLES_PER_RAY` samples per ray.
 """
 
 from __future__ import annotations
@@ -18,10 +24,18 @@ from prostlab.csv_table import csv_rows
 from prostlab.data import Volume, load_image, load_prepared
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera
+from prostlab.limits import check_memory, resolve_device
+from prostlab.outputs import atomic_path, remove_stale
 from prostlab.projector import Projector
+from prostlab.projector.rays import check_samples_per_ray
+from prostlab.viz.images import save_drr_png
 
 POSE_COLUMNS = ("rx_deg", "ry_deg", "rz_deg", "tx_mm", "ty_mm", "tz_mm")
 CAMERA_KEYS = ("camera", "model.camera", "model.init_args.camera", "data.camera")
+
+MIN_MU = -1e-3
+"""Lowest attenuation (1/mm) accepted in a NIfTI volume to render: interpolation may undershoot 0
+a little, but a CT in Hounsfield units reaches -1000 (air)."""
 
 PROST_PELVIS_CAMERA = Camera(
     sdd=1020.0, sid=620.0, height=128, width=128, pixel_spacing=(2.92, 2.92)
@@ -87,7 +101,31 @@ def load_volume(path: str | Path, which: str = "ct") -> Volume:
             return prepared.bone
         return prepared.ct
     array, affine = load_image(path)
+    lowest = float(array.min())
+    if lowest < MIN_MU:
+        raise ProstlabError(
+            f"{path}: has attenuation down to {lowest:.4g} /mm; expected mu >= 0 in 1/mm. It "
+            f"looks like a CT in Hounsfield units: convert it with `prostlab prepare --ct {path} "
+            "--out <folder>` and render that folder"
+        )
     return Volume.from_array(array, affine)
+
+
+def render_memory_bytes(
+    n_poses: int, batch_size: int, channels: int, pixels: int
+) -> tuple[int, int]:
+    """Bytes :func:`render_poses` needs, estimated before it allocates: ``(host, device)``.
+
+    On the host, the images are kept, ``(N, C, P)`` float32 for ``P`` detector pixels, and
+    concatenated once at the end: ``8 N C P``. On the rendering device, each batch of ``B`` poses
+    needs its ``(B, C, P)`` images and the per-ray clipping of
+    :meth:`~prostlab.projector.rays.RayBundle.sample_range`, about 48 float32 per ray and pose,
+    ``4 B P (C + 48)``, and the rays themselves, ``(P, 3)`` a few times, ``48 P``. The torch
+    backend's chunks are bounded separately (``Projector.max_samples``).
+    """
+    batch = min(batch_size, n_poses)
+    host = 8 * n_poses * channels * pixels
+    return host, 4 * batch * pixels * (channels + 48) + 48 * pixels
 
 
 def render_poses(
@@ -100,8 +138,25 @@ def render_poses(
     batch_size: int = 8,
     progress=None,
 ) -> np.ndarray:
-    """DRRs (N, C, H, W) of ``volume`` at ``poses`` (N, 6), rendered ``batch_size`` at a time."""
+    """DRRs (N, C, H, W) of ``volume`` at ``poses`` (N, 6), rendered ``batch_size`` at a time.
+
+    The batch size, the device, the memory the job needs and the samples per ray are checked
+    before anything is rendered (see the module docstring); each refusal is a ``ProstlabError``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ProstlabError(f"batch_size: {batch_size!r}; expected a positive number of poses "
+                            "rendered at once")
+    device = resolve_device(device)
     projector = Projector(camera, step=step, backend=backend)
+    check_samples_per_ray(volume.shape[1:], volume.spacing, step)
+    pixels, channels = camera.height * camera.width, volume.shape[0]
+    host, working = render_memory_bytes(len(poses), batch_size, channels, pixels)
+    what = f"rendering {len(poses)} DRR(s) of {camera.height} x {camera.width} pixels"
+    if device.type == "cpu":
+        check_memory(host + working, device, what)
+    else:
+        check_memory(host, "cpu", what)
+        check_memory(working, device, what)
     data = volume.batched().to(device)
     images = []
     with torch.no_grad():
@@ -111,3 +166,34 @@ def render_poses(
             if progress is not None:
                 progress(len(batch))
     return torch.cat(images).numpy()
+
+
+def write_drrs(
+    out: str | Path,
+    images: np.ndarray,
+    poses: torch.Tensor,
+    colorbar: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``drrs.npy`` (the ``(N, C, H, W)`` array) and ``drr_000.png``, ... into ``out``.
+
+    Each file is written under a temporary name and moved into place. The PNG titles give the
+    pose in degrees and mm. With ``overwrite``, DRR files of an earlier run that this one did not
+    write (``drr_005.png`` after a run of 5 poses, say) are removed at the end. Returns the
+    path of ``drrs.npy``.
+    """
+    out = Path(out)
+    np_path = out / "drrs.npy"
+    with atomic_path(np_path) as tmp:
+        np.save(tmp, images)
+    written = [np_path]
+    degrees = poses.clone()
+    degrees[:, :3] *= 180.0 / math.pi
+    for i, image in enumerate(images):
+        title = "rotation (deg) {:.1f} {:.1f} {:.1f}, translation (mm) {:.1f} {:.1f} {:.1f}".format(
+            *degrees[i].tolist()
+        )
+        written.append(save_drr_png(out / f"drr_{i:03d}.png", image[0], colorbar, title))
+    if overwrite:
+        remove_stale(out, [p.name for p in out.glob("drr_*.png")], keep=written)
+    return np_path

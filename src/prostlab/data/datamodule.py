@@ -243,8 +243,9 @@ class PoseDataModule(pl.LightningDataModule):
             folder = self._folder(source)
             if "ct" in source and not (folder / "meta.json").is_file():
                 rank_zero_info(f"preparing {source['ct']} into {folder}")
-                prepare_ct(
-                    source["ct"], source.get("labels"), folder, size=self.size, bones=self.bones
+                prepare_ct(  # a cache folder without meta.json holds an interrupted try
+                    source["ct"], source.get("labels"), folder, size=self.size, bones=self.bones,
+                    overwrite=True,
                 )
 
     def setup(self, stage: str | None = None) -> None:

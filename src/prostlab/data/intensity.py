@@ -12,10 +12,14 @@ from noise or fill values) are clamped, since attenuation is never negative. Pro
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import TypeVar
 
 import numpy as np
 import torch
+
+from prostlab.errors import ProstlabError
 
 MU_WATER = 0.02683
 """Linear attenuation of water in 1/mm (ProST's value)."""
@@ -29,6 +33,26 @@ FOV_FILL_BELOW = -1024.0
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
+def check_mu_water(mu_water: float, mu_air: float = 0.0) -> float:
+    """Return ``mu_water`` as a float if it is a finite attenuation above ``mu_air`` (1/mm).
+
+    A NaN ``mu_water`` would make every voxel NaN, and one at or below ``mu_air`` (e.g. negative)
+    maps all tissue to at most air, so the bones vanish; both are refused with a
+    ``ProstlabError``.
+    """
+    ok = (
+        isinstance(mu_water, Real) and not isinstance(mu_water, bool)
+        and isinstance(mu_air, Real) and math.isfinite(mu_water) and math.isfinite(mu_air)
+        and mu_air >= 0 and mu_water > mu_air
+    )
+    if not ok:
+        raise ProstlabError(
+            f"mu_water: {mu_water!r} (mu_air {mu_air!r}); expected a finite attenuation of water "
+            f"in 1/mm, above mu_air >= 0 (ProST: {MU_WATER})"
+        )
+    return float(mu_water)
+
+
 def hu_to_mu(
     hu: ArrayT, mu_water: float = MU_WATER, mu_air: float = 0.0, clamp_min: float = 0.0
 ) -> ArrayT:
@@ -37,8 +61,10 @@ def hu_to_mu(
     In 1/mm; equal to ``mu_water + HU (mu_water - mu_air) / 1000``.
 
     Works elementwise on a numpy array (returns float32) or a torch tensor (keeps a floating
-    dtype, else float32) of any shape.
+    dtype, else float32) of any shape. ``mu_water`` must be finite and above ``mu_air >= 0``
+    (:func:`check_mu_water`).
     """
+    check_mu_water(mu_water, mu_air)
     # Evaluated as mu_air + (HU + 1000) * scale, so that air maps to mu_air exactly.
     scale = (mu_water - mu_air) / 1000.0
     if isinstance(hu, torch.Tensor):

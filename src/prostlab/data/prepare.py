@@ -10,7 +10,13 @@
 5. choose a cube (centred on the bones' bounding box, or on the volume) and resample ``mu`` and
    ``mu_bone`` (linear, antialiased) and the labels (nearest) onto its ``size^3`` grid in one step
    (:mod:`prostlab.data.resample`);
-6. write ``ct_mu.nii.gz``, ``bone_mu.nii.gz``, ``labels.nii.gz`` and ``meta.json``.
+6. write ``ct_mu.nii.gz``, ``bone_mu.nii.gz``, ``labels.nii.gz`` and ``meta.json``, each under a
+   temporary name moved into place (:mod:`prostlab.outputs`).
+
+Before any work the inputs are checked: ``mu_water`` (finite, positive), the memory the cube
+needs (:mod:`prostlab.limits`), and the output folder (new or empty unless ``overwrite``, and
+writable). After reading, a CT with voxels coarser than :data:`MAX_SOURCE_SPACING_MM` is
+refused, and so is a cube in which the selected bones vanish.
 
 The written affines map each voxel to its world position in the source scan, with spacing
 ``side_mm / size`` along every axis.
@@ -29,7 +35,14 @@ from typing import Any
 import numpy as np
 
 import prostlab
-from prostlab.data.intensity import FOV_FILL_BELOW, HU_AIR, MU_WATER, fill_outside_fov, hu_to_mu
+from prostlab.data.intensity import (
+    FOV_FILL_BELOW,
+    HU_AIR,
+    MU_WATER,
+    check_mu_water,
+    fill_outside_fov,
+    hu_to_mu,
+)
 from prostlab.data.io import load_image, save_nifti
 from prostlab.data.labels import bone_ids, bone_mask, segment
 from prostlab.data.orientation import (
@@ -41,6 +54,8 @@ from prostlab.data.orientation import (
 from prostlab.data.resample import cube_grid, resample_linear, resample_nearest
 from prostlab.data.volume import Volume, spacing_of
 from prostlab.errors import ProstlabError
+from prostlab.limits import check_memory
+from prostlab.outputs import atomic_path, output_folder, remove_stale, write_text
 
 CT_FILE = "ct_mu.nii.gz"
 BONE_FILE = "bone_mu.nii.gz"
@@ -49,8 +64,31 @@ META_FILE = "meta.json"
 STRUCTURES_FILE = "structures.csv"
 FORMAT = "prostlab-prepared-ct/1"
 
+PREPARED_FILES = (CT_FILE, BONE_FILE, LABELS_FILE, STRUCTURES_FILE, META_FILE)
+
 GRID_ATOL_MM = 1e-2
 """Largest difference between two affines' entries (mm) for them to count as one grid."""
+
+MAX_SOURCE_SPACING_MM = 20.0
+"""Coarsest voxel (mm, along any axis) accepted as a CT. Clinical CTs have 0.3-10 mm voxels; a
+500 mm slice is a broken header, and would stretch the cube until the bones vanish."""
+
+
+def prepare_memory_bytes(size: int, source_shape: tuple[int, int, int] | None = None) -> int:
+    """Bytes :func:`prepare_ct` needs at its peak, estimated before it allocates.
+
+    The cube is ``N = size^3`` float32 voxels. While the bones are resampled, the CT's cube is
+    held and the resampler holds about three cube-sized arrays (its output and the temporaries of
+    its last pass), and the labels' cube (int32) follows: about ``16 N`` bytes. With the source's
+    shape ``(I, J, K)`` known, add the resampler's float32 copy of the source, the segmented copy
+    and its first two passes (``size I... -> size J K``, ``size^2 K``), three times each.
+    """
+    cube = int(size) ** 3
+    total = 16 * cube
+    if source_shape is not None:
+        i, j, k = (int(n) for n in source_shape)
+        total += 4 * (2 * i * j * k + 3 * size * j * k + 3 * size * size * k)
+    return total
 
 
 @dataclass(frozen=True)
@@ -85,6 +123,7 @@ def prepare_ct(
     mu_water: float = MU_WATER,
     fov_fill_below: float = FOV_FILL_BELOW,
     antialias: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Prepare a CT for registration and write it to ``out_dir``.
 
@@ -92,7 +131,7 @@ def prepare_ct(
         ct_path: CT in Hounsfield units: a ``.nii``/``.nii.gz`` file or a DICOM series directory.
         labels_path: label map on the CT's voxel grid (axis flips and order may differ), or
             ``None``.
-        out_dir: output directory (created).
+        out_dir: output directory (created); it must be new or empty unless ``overwrite``.
         size: voxels per edge of the output cube.
         bones: bone selection: a preset (``"bones"``, ``"pelvis"``), a group of the class table,
             or label ids (see :mod:`prostlab.data.labels`). Ignored without labels.
@@ -102,23 +141,46 @@ def prepare_ct(
         centre: ``"bones"`` (the bounding box of the selected bones; the default with labels) or
             ``"volume"`` (the grid's centre; the default without).
         margin_mm: added on each side to the default cube edge.
-        mu_water: attenuation of water in 1/mm.
+        mu_water: attenuation of water in 1/mm; finite and positive.
         fov_fill_below: HU below this are outside the field of view and become air.
         antialias: low-pass filter when downsampling (see :mod:`prostlab.data.resample`).
+        overwrite: write into a non-empty ``out_dir``; files of an earlier preparation that this
+            one does not write (a label map, say) are removed at the end.
 
     Returns:
         The written paths, keyed ``"ct"``, ``"meta"`` and, with labels, ``"bone"``, ``"labels"``
         and ``"structures"`` (a copy of the class table, when one was used).
     """
     ct_path = Path(ct_path)
-    out = Path(out_dir)
     centre = centre or ("bones" if labels_path is not None else "volume")
     if centre not in ("bones", "volume"):
         raise ProstlabError(f"centre: {centre!r}; expected 'bones' or 'volume'")
     if centre == "bones" and labels_path is None:
         raise ProstlabError("centre: 'bones' needs a label map; pass labels_path")
+    check_mu_water(mu_water)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ProstlabError(f"size: {size!r}; expected a positive whole number of voxels")
+    check_memory(prepare_memory_bytes(size), "cpu", f"size {size}: a {size}^3 cube")
+    with output_folder(out_dir, overwrite, "output folder") as out:
+        written = _prepare(ct_path, labels_path, out, size, bones, structures_csv, side_mm,
+                           centre, margin_mm, mu_water, fov_fill_below, antialias)
+        if overwrite:
+            remove_stale(out, list(PREPARED_FILES), keep=list(written.values()))
+    return written
 
+
+def _prepare(ct_path, labels_path, out, size, bones, structures_csv, side_mm, centre, margin_mm,
+             mu_water, fov_fill_below, antialias) -> dict[str, Path]:
+    """The work of :func:`prepare_ct` once its arguments and output folder are checked."""
     hu, affine = load_image(ct_path)
+    coarse = [s for s in spacing_of(affine) if s > MAX_SOURCE_SPACING_MM]
+    if coarse:
+        raise ProstlabError(
+            f"{ct_path}: voxel spacing {tuple(round(s, 3) for s in spacing_of(affine))} mm; "
+            f"expected at most {MAX_SOURCE_SPACING_MM:g} mm along every axis (a CT's slices are "
+            "0.3-10 mm): check the header's voxel size (pixdim, or the DICOM slice positions)"
+        )
+    check_memory(prepare_memory_bytes(size, hu.shape), "cpu", f"size {size}: a {size}^3 cube")
     source_orientation = orientation_of(affine)
     source_shape = list(hu.shape)
     source_spacing = list(spacing_of(affine))
@@ -150,16 +212,26 @@ def prepare_ct(
     )
     cube_affine = grid.affine(affine)
 
-    out.mkdir(parents=True, exist_ok=True)
     cube_mu = resample_linear(mu, grid, 0.0, antialias)
+    cube_labels = bone = None
+    if labels is not None:
+        cube_labels = resample_nearest(labels, grid, 0)
+        if not np.isin(cube_labels, ids).any():
+            raise ProstlabError(
+                f"{labels_path}: the {int(mask.sum())} voxels of bones {ids} vanish in the "
+                f"{size}^3 cube of {grid.spacing:.3g} mm voxels ({grid.side_mm:.4g} mm wide); "
+                "expected bones that fill some of the cube: check the voxel spacing, or pass a "
+                "smaller side_mm (--side-mm) or a larger size (--size)"
+            )
+        bone = resample_linear(segment(mu, mask), grid, 0.0, antialias)
     written = {"ct": save_nifti(out / CT_FILE, cube_mu, cube_affine)}
     if labels is not None:
-        bone = resample_linear(segment(mu, mask), grid, 0.0, antialias)
         written["bone"] = save_nifti(out / BONE_FILE, bone, cube_affine)
-        cube_labels = resample_nearest(labels, grid, 0)
         written["labels"] = save_nifti(out / LABELS_FILE, _compact(cube_labels), cube_affine)
         if table is not None and table.is_file():
-            written["structures"] = Path(shutil.copyfile(table, out / STRUCTURES_FILE))
+            with atomic_path(out / STRUCTURES_FILE) as tmp:
+                shutil.copyfile(table, tmp)
+            written["structures"] = out / STRUCTURES_FILE
 
     centre_world = cube_affine @ np.array([(size - 1) / 2] * 3 + [1.0])
     meta = {
@@ -195,8 +267,7 @@ def prepare_ct(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "prostlab_version": prostlab.__version__,
     }
-    written["meta"] = out / META_FILE
-    written["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+    written["meta"] = write_text(out / META_FILE, json.dumps(meta, indent=2, allow_nan=False) + "\n")
     return written
 
 

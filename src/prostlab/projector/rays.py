@@ -9,15 +9,24 @@ sample's position in the volume frame is
 so the pose enters the hot path only through the 12 numbers of ``M``. Samples outside the volume's
 support (the box one voxel beyond the outermost voxel centres, where the zero-padded trilinear
 interpolant vanishes) are skipped: ``sample_range`` clips every ray to it.
+
+A ray crosses the support over at most its diagonal ``2 |h|``, so it takes at most
+``2 |h| / step + 1`` samples. More than :data:`MAX_SAMPLES_PER_RAY` is refused (a ``step`` far
+below the voxel size, e.g. ``1e-6`` mm, would otherwise run for hours).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from prostlab.errors import ProstlabError
+
+MAX_SAMPLES_PER_RAY = 1 << 16
+"""The most samples one ray may take through the volume (65,536): a 512^3 CT at 1 mm voxels has
+a diagonal of 887 mm, so any step down to 0.014 mm fits; ProST's setting takes about 300."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +55,9 @@ class RayBundle:
             raise ProstlabError(
                 f"spacing: expected three positive voxel sizes in mm, got {spacing}"
             )
-        if not step > 0:
+        if not (step > 0 and math.isfinite(step)):
             raise ProstlabError(f"step: expected a positive sampling distance in mm, got {step}")
+        check_samples_per_ray(grid, spacing, step)
         rays = camera.ray_directions(dtype=dtype, device=device)
         lengths = rays.norm(dim=-1)
         return RayBundle(rays / lengths[:, None], lengths, spacing, tuple(grid), float(step))
@@ -99,3 +109,18 @@ class RayBundle:
         k_last = torch.floor(t_out / self.step)
         count = torch.where(hits, k_last - k_first + 1, torch.zeros_like(k_last)).clamp(min=0)
         return k_first.long(), count.long()
+
+
+def check_samples_per_ray(grid, spacing, step: float) -> int:
+    """The most samples a ray takes through a volume of array shape ``grid`` and voxel
+    ``spacing`` (mm) at ``step`` mm, ``floor(2 |h| / step) + 1`` with ``h`` the half-sides of the
+    support; refused with a ``ProstlabError`` above :data:`MAX_SAMPLES_PER_RAY`."""
+    diagonal = 2 * math.sqrt(sum(((n + 1) / 2 * s) ** 2 for n, s in zip(grid, spacing, strict=True)))
+    samples = math.floor(diagonal / step) + 1
+    if samples > MAX_SAMPLES_PER_RAY:
+        raise ProstlabError(
+            f"step: {step:g} mm would take up to {samples:,} samples along a ray through this "
+            f"volume ({diagonal:.4g} mm across); expected at most {MAX_SAMPLES_PER_RAY:,}, a step "
+            f"of at least {diagonal / (MAX_SAMPLES_PER_RAY - 1):.3g} mm"
+        )
+    return samples
