@@ -221,3 +221,22 @@ def test_metric_input_errors():
         translation_error(random_poses(3, 0), random_poses(2, 0))
     with pytest.raises(ProstlabError, match="plane"):
         mean_projection_distance(pose(), pose(), POINTS, CAMERA, plane="film")
+
+
+def test_mtre_points_are_the_bone_voxels_as_the_docs_say(example_dir):
+    """The benchmark's mTRE targets are ``bone > 0`` (not ``labels > 0``), and the docs say so."""
+    from pathlib import Path
+
+    from prostlab.data import load_prepared
+    from prostlab.lightning.volume_bank import VolumeBank
+
+    prepared = load_prepared(example_dir)
+    bone = prepared.bone.data[0] > 0
+    labels = torch.as_tensor(prepared.labels) > 0
+    assert int(bone.sum()) != int((bone & labels).sum())  # the two choices differ on this CT
+    points = VolumeBank([prepared], max_points=10**7)[0].points  # all of them, in index order
+    expected = target_points_from_mask(bone, prepared.ct.spacing, dtype=torch.float32)
+    torch.testing.assert_close(points, expected)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "benchmark.md").read_text()
+    assert "target_points_from_mask(bone > 0" in docs
+    assert "target_points_from_mask(labels > 0" not in docs

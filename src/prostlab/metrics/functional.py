@@ -202,7 +202,7 @@ def target_points_from_mask(
     of them are drawn without replacement with ``generator`` (seed it for reproducible points).
 
     Args:
-        mask: ``(D, H, W)`` boolean (or 0/1) tensor or array, e.g. ``labels > 0`` for bones.
+        mask: ``(D, H, W)`` boolean (or 0/1) tensor or array, e.g. ``bone > 0``, as the benchmark does.
         spacing: voxel size in mm, array-axis order ``(s_D, s_H, s_W)``.
         max_points: keep at most this many points; ``None`` keeps all.
         generator: the random generator for the subsampling; required when it subsamples.
