@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Install prostlab as a user would, from a wheel, and run it from outside the source tree:
+# build the wheel, install it in a fresh virtual environment with the CPU build of torch, then
+# run `prostlab --version`, `prostlab render` of the bundled example and a 2-case `prostlab test`
+# with the shipped tiny config. Everything happens in a temporary folder, removed at the end.
+#
+#   bash scripts/wheel_smoke.sh            # PYTHON=python3 TORCH_SPEC=torch==2.13.0 by default
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"  # first, so pip does not pull a CUDA build for the wheel
+work="$(mktemp -d "${TMPDIR:-/tmp}/prostlab-wheel.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+start=$SECONDS
+step() { printf '[wheel smoke %3ds] %s\n' "$((SECONDS - start))" "$*"; }
+# pip, without the notes of an index mirror about projects it lacks; pip's own status is kept.
+pip_in() { "$1" -m pip "${@:2}" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }; }
+
+# Build from a copy of the files the wheel is made of, so no stale build/ or egg-info of the
+# checkout can leak into it.
+step "building the wheel"
+mkdir -p "$work/source"
+cp -r "$repo"/{pyproject.toml,README.md,src,configs,data,kernels} "$work/source/"
+find "$work/source" \( -name __pycache__ -o -name '*.egg-info' -o -name build -o -name '*.so' \) \
+    -prune -exec rm -rf {} +
+pip_in "$PYTHON" wheel --quiet --no-deps --wheel-dir "$work/dist" "$work/source"
+wheel="$(ls "$work"/dist/prostlab-*.whl)"
+step "built $(basename "$wheel") ($(du -h "$wheel" | cut -f1))"
+
+step "installing it in a fresh venv ($TORCH_SPEC first)"
+"$PYTHON" -m venv "$work/venv"
+# --no-compile: byte-compiling torch's sources would about double the time of this step.
+pip_in "$work/venv/bin/python" install --quiet --no-compile "$TORCH_SPEC"
+pip_in "$work/venv/bin/python" install --quiet --no-compile "$wheel"
+prostlab="$work/venv/bin/prostlab"
+
+mkdir "$work/run"
+cd "$work/run"  # outside the source tree: nothing may be found through it
+export WANDB_MODE=offline
+"$prostlab" --version
+location="$("$work/venv/bin/python" -c 'import prostlab; print(prostlab.__file__)')"
+case "$location" in "$work/venv/"*) ;; *) echo "prostlab imported from $location" >&2; exit 1 ;; esac
+
+step "prostlab render (bundled example, default camera)"
+"$prostlab" render --pose 0 0 0 0 0 0 --pose 0 0 90 0 0 0 --out drr
+test -s drr/drr_000.png && test -s drr/drr_001.png && test -s drr/drrs.npy
+
+step "prostlab test --config tiny (2 cases, the shipped presets)"
+"$prostlab" test --config tiny --data.test_samples 2 --data.batch_size 2 \
+    --trainer.enable_progress_bar false
+cases="$(find results -name cases.csv | head -n 1)"
+test -n "$cases" || { echo "prostlab test wrote no cases.csv under $PWD/results" >&2; exit 1; }
+rows=$(($(wc -l <"$cases") - 1))
+step "cases.csv has $rows rows (2 cases x the config's methods)"
+test "$rows" -ge 2
+step "passed"
