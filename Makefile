@@ -19,14 +19,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # A short registration benchmark with the shipped network on the bundled chest CT (CPU, 10 cases
-# per method, iterations capped at 60), then DRRs of it at three poses.
+# per method, iterations capped at 60), then DRRs of it at three poses. Each run writes a new
+# folder results/demo/<date_time>/ (earlier runs are kept); results/demo/latest links to it.
 demo: setup
 	$(BIN)/prostlab test --config configs/cpu.yaml --ckpt_path checkpoints/prost_cpu_chest.ckpt \
 		--data.test_samples 10 --data.batch_size 10 --model.benchmark.max_iterations 60 \
 		--model.benchmark.output_dir results/demo --trainer.logger.init_args.save_dir runs/demo
 	$(BIN)/prostlab render --pose 0 0 0 0 0 0 --pose 0 0 90 0 0 0 --pose 20 0 0 0 0 0 \
-		--colorbar --out results/demo/drr
-	@echo "benchmark tables, figures and DRRs: results/demo/"
+		--colorbar --out results/demo/latest/drr
+	@echo "benchmark tables, figures and DRRs: results/demo/latest/"
 
 test: setup
 	$(BIN)/python -m pytest -q
