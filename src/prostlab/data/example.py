@@ -22,7 +22,7 @@ def example_path(name: str = EXAMPLE_NAME) -> Path:
     if not (path / "meta.json").is_file():
         names = sorted(p.name for p in root.iterdir() if (p / "meta.json").is_file())
         raise ProstlabError(
-            f"{path}: bundled example {name!r} not found; expected one of {names}. If the "
-            "install lacks data/, reinstall prostlab, or run `prostlab prepare` on your own CT"
+            f"{path}: bundled example {name!r} not found; expected one of {names}, or run "
+            "`prostlab prepare` on your own CT and use its output folder"
         )
     return path
