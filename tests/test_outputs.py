@@ -64,7 +64,7 @@ def test_fresh_output_dir_refuses_a_non_empty_folder_without_overwrite(tmp_path)
     assert fresh_output_dir(out).is_dir()  # new: created
     assert fresh_output_dir(out) == out  # empty: fine
     (out / "drr_000.png").write_text("earlier result")
-    with pytest.raises(ProstlabError, match=r"out: folder is not empty; pass --overwrite"):
+    with pytest.raises(ProstlabError, match=r"out: is not empty; pass --overwrite"):
         fresh_output_dir(out)
     assert fresh_output_dir(out, overwrite=True) == out
     assert (out / "drr_000.png").read_text() == "earlier result"  # overwrite itself removes nothing
