@@ -6,7 +6,6 @@ only, never arbitrary pickled objects.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ProstlabError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise ProstlabError(f"{path}: empty file; expected a checkpoint written by `prostlab fit`")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
-        reason = str(exc).splitlines()[0][:120]
+    except Exception as exc:  # noqa: BLE001 - any unreadable content gets the same one line
+        # torch.load raises KeyError, UnpicklingError, RuntimeError, ... depending on the bytes.
+        lines = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {lines[0][:120]}" if lines else type(exc).__name__
         raise ProstlabError(
-            f"{path}: not a readable checkpoint ({type(exc).__name__}: {reason}); expected a "
-            "file written by `prostlab fit`"
+            f"{path}: not a readable checkpoint ({reason}); expected a file written by "
+            "`prostlab fit`"
         ) from exc
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ProstlabError(f"{path}: no state_dict; expected a checkpoint of `prostlab fit`")
