@@ -7,15 +7,20 @@ beside the run (``config.yaml`` in the logger's folder).
 
 from __future__ import annotations
 
+import copy
 import difflib
+import os
 import re
 import sys
+from pathlib import Path
 
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from prostlab.data import PoseDataModule
 from prostlab.errors import ProstlabError
 from prostlab.lightning.checkpoint import check_compatible, read_checkpoint
+from prostlab.lightning.last_checkpoint import LastCheckpoint
 from prostlab.lightning.training import ConvexSimilarityModule
 
 TRAINER_DEFAULTS = {
@@ -52,20 +57,33 @@ class _SaveAndLogConfig(SaveConfigCallback):
 
 
 class _ProstlabCLI(LightningCLI):
-    """LightningCLI that checks ``--ckpt_path`` against the configured model first.
+    """LightningCLI with a ``last_checkpoint`` section, and ``--ckpt_path`` checked up front.
 
-    Lightning would overwrite the config's model section with the checkpoint's hyperparameters;
-    prostlab keeps the config (so ``prostlab test`` runs the benchmark it describes) and
-    instead requires the checkpoint's camera and network to be the config's.
+    - ``last_checkpoint`` (:class:`~prostlab.lightning.last_checkpoint.LastCheckpoint`) writes
+      ``last.ckpt`` every ``every_n_train_steps`` steps, on Ctrl-C or a crash, and at the end.
+    - Lightning would overwrite the config's model section with the checkpoint's
+      hyperparameters; prostlab keeps the config (so ``prostlab test`` runs the benchmark it
+      describes) and instead requires the checkpoint's camera and network to be the config's.
+    - ``--ckpt_path`` that is not a readable checkpoint, ``best`` (no best checkpoint is known
+      before a run) and ``last`` without a ``last.ckpt`` are refused in one line.
     """
 
-    def _parse_ckpt_path(self) -> None:
+    _configured_model = None
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path in (None, "last", "best", "hpc", "registry"):
+        if not subcommand:
+            return
+        model = self.config[subcommand]["model"]
+        self._configured_model = copy.deepcopy(model)
+        path = self.config[subcommand].get("ckpt_path")
+        if path in SPECIAL_CKPT_PATHS or path is None:
             return
         saved = read_checkpoint(path).get("hyper_parameters", {})
-        model = self.config[subcommand]["model"]
         for key, what in (("camera", "camera"), ("net", "architecture")):
             if key in saved and _plain(saved[key]) != _plain(model.get(key)):
                 raise ProstlabError(
@@ -73,12 +91,89 @@ class _ProstlabCLI(LightningCLI):
                     f"{_plain(model.get(key))}; expected the same {what}"
                 )
 
+    def instantiate_classes(self) -> None:
+        # jsonargparse reports a constructor's error under a union type (trainer.logger) as
+        # "Does not validate against any of the Union subtypes"; bring prostlab's line back.
+        try:
+            super().instantiate_classes()
+        except Exception as exc:
+            cause = _prostlab_error_in(exc)
+            if cause is None or cause is exc:
+                raise
+            raise ProstlabError(str(cause)) from None
+
+    def before_instantiate_classes(self) -> None:
+        # Lightning has replaced the model section by the checkpoint's hyperparameters.
+        if self._configured_model is not None:
+            self.config[self.subcommand]["model"] = self._configured_model
+
     def _check_checkpoint(self) -> None:
-        path = self.config[self.subcommand].get("ckpt_path")
-        if path not in (None, "last", "best", "hpc", "registry"):
+        trainer, arguments = self.trainer, self.config_init[self.subcommand]
+        if not trainer.loggers:  # it would fail at the first step with no logger to write to
+            trainer.callbacks[:] = [
+                cb for cb in trainer.callbacks if not isinstance(cb, LearningRateMonitor)
+            ]
+        folders = _checkpoint_folders(trainer, check_save_last=self.subcommand == "fit")
+        path = arguments.get("ckpt_path")
+        if path == "best":
+            raise ProstlabError(
+                "--ckpt_path best: no best checkpoint is known before a run; expected a "
+                f"checkpoint file (e.g. in {folders[0] if folders else 'the checkpoint folder'}/) "
+                "or last"
+            )
+        if path == "last":
+            found = [p for folder in folders for p in Path(folder).glob("last*.ckpt")]
+            if not found:
+                raise ProstlabError(
+                    f"--ckpt_path last: no last.ckpt in {', '.join(map(str, folders))}; "
+                    "expected the checkpoint folder of an earlier `prostlab fit` with this "
+                    "config (leave --ckpt_path out to start afresh)"
+                )
+            path = arguments["ckpt_path"] = str(max(found, key=lambda p: p.stat().st_mtime))
+        if path not in SPECIAL_CKPT_PATHS and path is not None:
             check_compatible(path, self.model)
 
     before_fit = before_validate = before_test = _check_checkpoint
+
+
+def _prostlab_error_in(exc: BaseException) -> ProstlabError | None:
+    """The first ``ProstlabError`` in the chain of causes and contexts of ``exc``, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ProstlabError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+"""``--ckpt_path`` values that name no file (Lightning resolves them)."""
+
+
+def _checkpoint_folders(trainer, check_save_last: bool) -> list[str]:
+    """The folders where ``last.ckpt`` is looked for: ``last_checkpoint``'s, then the others'.
+
+    Raises if a ``ModelCheckpoint`` with ``save_last`` would write a second ``last.ckpt`` beside
+    the one of ``last_checkpoint`` (Lightning would name it ``last-v1.ckpt``).
+    """
+    folders = []
+    for cb in trainer.callbacks:
+        if isinstance(cb, LastCheckpoint):
+            folders.insert(0, str(cb.resolve_dirpath(trainer)))
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None:
+            same = folders and os.path.realpath(cb.dirpath) == os.path.realpath(folders[0])
+            if check_save_last and same and cb.save_last:
+                raise ProstlabError(
+                    f"trainer.callbacks: the ModelCheckpoint in {cb.dirpath} has save_last: "
+                    f"{cb.save_last}, but last.ckpt there is written by the last_checkpoint "
+                    "section (every last_checkpoint.every_n_train_steps steps, on Ctrl-C and at "
+                    "the end); expected no save_last"
+                )
+            if str(cb.dirpath) not in folders:
+                folders.append(str(cb.dirpath))
+    return folders
 
 
 def _plain(value):
@@ -90,9 +185,12 @@ def _plain(value):
     return value
 
 
-def run_lightning(argv: list[str]) -> None:
-    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``) with its arguments."""
-    _ProstlabCLI(
+def run_lightning(argv: list[str]) -> LightningCLI:
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``) with its arguments.
+
+    Returns the CLI, whose ``model``, ``datamodule`` and ``trainer`` are those of the run.
+    """
+    return _ProstlabCLI(
         ConvexSimilarityModule,
         PoseDataModule,
         args=None if argv == sys.argv[1:] else argv,

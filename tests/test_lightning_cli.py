@@ -1,0 +1,131 @@
+"""`prostlab fit` / `validate` / `test`: checkpoints are checked against the config, which is kept;
+bad checkpoints, logging and checkpoint settings are refused in one line with exit code 2 before
+any training; `fit` without a logger works."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+
+from fit_run import TINY, TINY_CHECKPOINTS
+from prostlab.cli import main
+from prostlab.lightning import ConvexSimilarityModule
+from prostlab.lightning.cli import run_lightning
+
+QUICK = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+         "--model.image_every_n_steps", "0", "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """Each run in its own empty folder, W&B offline unless a test says otherwise."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+def refusal(capsys, command: str, *args: str) -> str:
+    """Run ``prostlab <command> --config tiny.yaml <args>``; its one-line error."""
+    code = main([command, "--config", str(TINY), *QUICK, *args])
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith(f"prostlab {command}: error: "), err[-3000:]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("command", ["fit", "test"])
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [(b"hello\nworld\n", "not a readable checkpoint"), (b"", "empty file")],
+)
+def test_checkpoint_that_is_text_or_empty(tmp_path, capsys, command, content, needle):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    line = refusal(capsys, command, "--ckpt_path", str(path))
+    assert str(path) in line and needle in line
+
+
+def test_ckpt_path_best_names_what_is_expected(capsys):
+    line = refusal(capsys, "fit", "--ckpt_path", "best")
+    assert "--ckpt_path best" in line and "checkpoint file" in line
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_ckpt_path_last_without_a_last_checkpoint(capsys, command):
+    line = refusal(capsys, command, "--ckpt_path", "last")
+    assert "--ckpt_path last" in line and str(TINY_CHECKPOINTS) in line
+
+
+def test_interval_must_be_positive(capsys):
+    line = refusal(capsys, "fit", "--last_checkpoint.every_n_train_steps", "0")
+    assert "last_checkpoint.every_n_train_steps = 0" in line and "at least 1" in line
+
+
+def test_a_second_writer_of_last_ckpt_is_refused(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.read_text().replace("mode: max\n", "mode: max\n        save_last: true\n"))
+    code = main(["fit", "--config", str(config), *QUICK])
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "save_last" in line and "last_checkpoint" in line, err[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("override", "env", "needle"),
+    [
+        (["--trainer.logger.init_args.offline", "null"], {"WANDB_MODE": "online"}, "API key"),
+        (
+            ["--trainer.logger.init_args.offline", "false"],
+            {"WANDB_MODE": "", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"},
+            "127.0.0.1:9",
+        ),
+    ],
+)
+def test_forced_online_wandb_without_network_fails_fast(
+    tmp_path, capsys, monkeypatch, override, env, needle
+):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc key
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    start = time.monotonic()
+    line = refusal(capsys, "fit", *override)
+    assert time.monotonic() - start < 30
+    assert "forced online" in line and needle in line and "WANDB_MODE=offline" in line
+
+
+def test_fit_without_a_logger_trains_and_saves(tmp_path, capsys):
+    assert main(["fit", "--config", str(TINY), *QUICK, "--trainer.logger", "false"]) == 0, (
+        capsys.readouterr().err[-3000:]
+    )
+    assert (tmp_path / TINY_CHECKPOINTS / "last.ckpt").is_file()
+
+
+def tiny_model_checkpoint(path, **hyper_parameters) -> None:
+    """A checkpoint of an untrained tiny-config network, its hyperparameters changed."""
+    model_config = yaml.safe_load(TINY.read_text())["model"]
+    model = ConvexSimilarityModule(**model_config)
+    torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": pl.__version__,
+                "hyper_parameters": {**model.hparams, **hyper_parameters}}, path)
+
+
+def test_the_configs_model_section_is_kept_over_the_checkpoints(tmp_path):
+    path = tmp_path / "other.ckpt"
+    tiny_model_checkpoint(path, step=99.0, image_every_n_steps=7)
+    cli = run_lightning(["validate", "--config", str(TINY), "--trainer.limit_val_batches", "0",
+                         "--trainer.logger", "false", "--ckpt_path", str(path)])
+    assert cli.model.hparams["step"] == 8.0 and cli.model.hparams["image_every_n_steps"] == 2
+
+
+@pytest.mark.parametrize(("field", "value"), [("camera", {"height": 20}), ("net", {"pool_size": 1})])
+def test_a_checkpoint_of_another_camera_or_network_is_refused(tmp_path, capsys, field, value):
+    path = tmp_path / "other.ckpt"
+    model_config = yaml.safe_load(TINY.read_text())["model"]
+    tiny_model_checkpoint(path, **{field: {**model_config[field], **value}})
+    line = refusal(capsys, "test", "--ckpt_path", str(path))
+    assert str(path) in line and f"model.{field}" in line
