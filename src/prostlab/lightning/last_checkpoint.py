@@ -134,7 +134,10 @@ class LastCheckpoint(Callback):
             return  # one rank's crash: the others would wait for it in the save's barrier
         self.save(trainer)
         if trainer.is_global_zero:
-            why = "stopped" if isinstance(exception, KeyboardInterrupt) else "crashed"
+            if isinstance(exception, KeyboardInterrupt | SystemExit):  # Ctrl-C, SIGTERM
+                why = "stopped"
+            else:
+                why = f"crashed ({type(exception).__name__})"
             rank_zero_info(
                 f"prostlab fit: {why} at step {trainer.global_step}; wrote {self.path}; resume "
                 "with the same command and --ckpt_path last"
