@@ -100,10 +100,10 @@ def run(method: str, batch: int, iterations: int, data, backend: str = "auto") -
         net = ConvexSimilarityNet(projector)
     build, calls = [], []
 
-    def factory(similarity: str, targets: torch.Tensor):
+    def factory(stage, targets: torch.Tensor):
         t0 = time.perf_counter()
         objective = make_objective(
-            similarity,
+            stage.similarity,
             projector=projector,
             ct=ct,
             bone=bone,

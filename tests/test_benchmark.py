@@ -147,3 +147,19 @@ def test_poisson_noise_is_seeded_and_scales_with_dose():
     assert abs(high.mean().item() - 2.0) < 1e-2 and abs(low.mean().item() - 2.0) < 5e-2
     assert low.std() > 5 * high.std()
     assert poisson_noise(clean, None) is clean
+
+
+def test_benchmark_moving_is_each_stages_choice_unless_overridden():
+    from prostlab.errors import ProstlabError
+    from prostlab.lightning.benchmark import DEFAULT_METHODS, BenchmarkConfig
+
+    assert "mncc" in DEFAULT_METHODS
+    methods = {"prost": "net_gradncc", "ncc": "ncc"}
+    own = BenchmarkConfig.from_config({"methods": methods}).schedules()
+    assert {k: [s.moving for s in v.stages] for k, v in own.items()} == {
+        "prost": [None, None], "ncc": [None]}  # net: bone, image similarities: the whole CT
+    for moving in ("bone", "ct"):
+        forced = BenchmarkConfig.from_config({"methods": methods, "moving": moving}).schedules()
+        assert all(s.moving == moving for v in forced.values() for s in v.stages)
+    with pytest.raises(ProstlabError, match="model.benchmark.moving: expected 'bone', 'ct' or"):
+        BenchmarkConfig.from_config({"moving": "lungs"})

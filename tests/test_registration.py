@@ -3,6 +3,7 @@ registration of the bundled CT with gradient-NCC (the evidence that the whole ch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import Counter
@@ -22,6 +23,8 @@ from prostlab.registration import (
     register,
     stack_final_poses,
 )
+from prostlab.registration.levels import build_level
+from prostlab.similarity import DEFAULT_MOVING
 
 F64 = torch.float64
 
@@ -52,6 +55,13 @@ def stage(**overrides) -> dict:
         ([stage(plateau_std=-1.0)], "stages[0].plateau_std"),
         ([stage(max_iterations=0)], "stages[0].max_iterations"),
         ([stage(rotation_radius=0)], "stages[0].rotation_radius"),
+        ([stage(moving="lungs")], "stages[0].moving"),
+        ([stage(detector_scale=2.0)], "stages[0].detector_scale"),
+        ([stage(detector_scale=0.0)], "stages[0].detector_scale"),
+        ([stage(volume_downsample=0)], "stages[0].volume_downsample"),
+        ([stage(volume_downsample=1.5)], "stages[0].volume_downsample"),
+        ([stage(similarity="net", detector_scale=0.5)], "stages[0].detector_scale"),
+        ([stage(similarity="net", volume_downsample=2)], "stages[0].volume_downsample"),
         ([stage(learning_rate=1.0)], "stages[0]: unknown key"),
         ([{"similarity": "ncc", "lr": 1.0}], "stages[0]: missing"),
         ([42], "stages[0]"),
@@ -72,6 +82,17 @@ def test_stage_and_schedule_constructors_validate():
         Stage(similarity="mse", lr=1.0, plateau_std=0.0)
     with pytest.raises(ProstlabError, match="lr"):
         Stage(similarity="ncc", lr=0.0, plateau_std=0.0)
+
+
+def test_stage_moving_and_resolution_defaults():
+    plain = Stage(similarity="ncc", lr=1.0, plateau_std=0.0)
+    assert plain.moving is None  # the similarity's default: make_objective's DEFAULT_MOVING
+    assert (plain.detector_scale, plain.volume_downsample) == (1.0, 1)
+    assert DEFAULT_MOVING == {"ncc": "ct", "gradncc": "ct", "mncc": "ct", "net": "bone"}
+    coarse = Schedule.from_config([stage(moving="bone", detector_scale=0.5, volume_downsample=2)])
+    assert Schedule.from_config(coarse.to_config()) == coarse
+    with pytest.raises(ProstlabError, match="net stage renders at the network's own camera"):
+        Stage(similarity="net", lr=1.0, plateau_std=0.0, detector_scale=0.5)
 
 
 def test_presets_load_and_round_trip(tmp_path):
@@ -103,7 +124,7 @@ def quadratic_factory(optima: torch.Tensor, calls: Counter | None = None, nan_ta
     """``f(pose) = d^2(pose, optimum)`` with rotations weighed by RADIUS^2 (a bowl in the
     engine's tangent coordinates); counts evaluations per target; NaN for ``nan_targets``."""
 
-    def factory(similarity: str, targets: torch.Tensor):
+    def factory(stage, targets: torch.Tensor):
         def objective(pose: torch.Tensor) -> torch.Tensor:
             if calls is not None:
                 calls.update(targets.tolist())
@@ -168,9 +189,9 @@ def test_stopped_cases_are_not_evaluated():
     sets = []
     base = quadratic_factory(optima, calls)
 
-    def factory(similarity, targets):
+    def factory(stage, targets):
         sets.append(targets.tolist())
-        return base(similarity, targets)
+        return base(stage, targets)
 
     result = optimise(factory, start, bowl_schedule())
     counts = [r.n_iterations for r in result.records]
@@ -183,7 +204,7 @@ def test_stopped_cases_are_not_evaluated():
 def test_multi_start_keeps_the_best_final_value():
     # A double well along t_x: f = (x^2 - 100)^2 / 1e4 + 0.05 x has its lower minimum near
     # x = -10 and a worse one near x = +10; starts on either side end in different wells.
-    def factory(similarity, targets):
+    def factory(stage, targets):
         def objective(pose):
             x = pose[:, 3]
             return (x * x - 100.0) ** 2 / 1e4 + 0.05 * x + (pose[:, 4:] ** 2).sum(-1) / 100
@@ -207,10 +228,10 @@ def test_stages_switch_on_plateau():
     start = perturb(optima, offsets(2, 5.0, 15.0, seed=8))
     used = []
 
-    def factory(similarity, targets):
-        used.append(similarity)
-        inner = quadratic_factory(optima)(similarity, targets)
-        scale = 1.0 if similarity == "net" else 10.0  # the second stage reads a different scale
+    def factory(stage, targets):
+        used.append(stage.similarity)
+        inner = quadratic_factory(optima)(stage, targets)
+        scale = 1.0 if stage.similarity == "net" else 10.0  # the second stage reads another scale
         return lambda pose: scale * inner(pose)
 
     config = {
@@ -393,7 +414,8 @@ def test_gradncc_of_bones_against_the_whole_ct_prefers_a_wrong_pose(chest):
     with torch.no_grad():
         target = projector(ct, spacing, truth)
         objective = make_objective(
-            "gradncc", projector=projector, ct=bone, bone=None, spacing=spacing, target=target
+            "gradncc", projector=projector, ct=ct, bone=bone, spacing=spacing, target=target,
+            moving="bone",
         )
         values = objective(torch.cat((truth, wrong)))
     assert values[1] < values[0]
@@ -421,9 +443,116 @@ def test_gradncc_registers_bones_to_the_whole_ct(chest):
     gt, start = cases(10)
     with torch.no_grad():
         target = projector(ct, spacing, gt)
+    bones = dataclasses.replace(load_schedule("gradncc").stages[0], moving="bone")
     result = register(
-        target, start, load_schedule("gradncc"), projector=projector, spacing=spacing, ct=bone
+        target, start, Schedule((bones,)), projector=projector, spacing=spacing, ct=ct, bone=bone
     )
     after = mtre(result.final_poses, gt, points)
     print(f"\nmTRE after (mm): {', '.join(f'{a:.2f}' for a in after.tolist())}")
     assert int((after < 3.0).sum()) >= 9
+
+
+# ----------------------------------------------------------------------------- stage choices
+
+
+def test_each_stage_renders_its_own_volume():
+    """An image stage renders the CT unless it says ``moving: bone``; the volumes differ, so the
+    first objective value at the truth tells which one was rendered."""
+    camera = Camera(sdd=1020.0, sid=620.0, height=16, width=16, pixel_spacing=(20.0, 20.0))
+    projector = Projector(camera, step=10.0, backend="torch")
+    ct = torch.rand(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    bone = torch.zeros_like(ct)  # renders a flat image: NCC 0, loss 1
+    truth = torch.zeros(1, 6)
+    with torch.no_grad():
+        target = projector(ct, (10.0,) * 3, truth)
+
+    def first_value(moving):
+        one = {"stages": [stage(similarity="ncc", moving=moving)], "max_total_iterations": 1}
+        result = register(
+            target, truth, one, projector=projector, spacing=(10.0,) * 3, ct=ct, bone=bone
+        )
+        return result.records[0].values[0].item()
+
+    assert first_value(None) == pytest.approx(0.0, abs=1e-5)
+    assert first_value("ct") == pytest.approx(0.0, abs=1e-5)
+    assert first_value("bone") == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ProstlabError, match="bone: objective 'ncc' needs the segmented"):
+        register(target, truth, {"stages": [stage(similarity="ncc", moving="bone")]},
+                 projector=projector, spacing=(10.0,) * 3, ct=ct)
+
+
+@pytest.fixture(scope="module")
+def small_chest():
+    """The bundled CT at 32^3 (10.4 mm voxels), ProST's field of view on 32 x 32 pixels with an
+    off-centre principal point, a half-voxel step."""
+    from prostlab.data import example_path, load_prepared
+    from prostlab.metrics import target_points_from_mask
+
+    prepared = load_prepared(example_path())
+    ct, spacing = pooled(prepared.ct, 4)
+    camera = Camera(sdd=1020.0, sid=620.0, height=32, width=32, pixel_spacing=(11.68, 11.68),
+                    principal_point=(16.2, 14.9))
+    points = target_points_from_mask(
+        prepared.labels > 0, prepared.ct.spacing, 500, torch.Generator().manual_seed(1)
+    )
+    return Projector(camera, step=spacing[0] / 2, backend="auto"), ct, spacing, points
+
+
+def test_a_coarse_level_sees_the_same_detector(small_chest):
+    projector, ct, spacing, _ = small_chest
+    gt = torch.tensor([[0.05, -0.1, 0.02, 3.0, -5.0, 2.0]])
+    with torch.no_grad():
+        target = projector(ct, spacing, gt)
+    mask = torch.ones(1, 1, 32, 32)
+    mask[..., :4, :] = 0
+    level = build_level(projector, spacing, target, ct, None, mask, 0.5, 2)
+    camera, coarse = projector.camera, level.projector.camera
+    assert (coarse.height, coarse.width) == (16, 16)
+    assert level.projector.step == 2 * projector.step
+    assert level.spacing == tuple(2 * s for s in spacing)
+    assert level.ct.shape[2:] == (16, 16, 16) and level.bone is None
+    torch.testing.assert_close(level.target, torch.nn.functional.avg_pool2d(target, 2))
+    torch.testing.assert_close(level.mask, torch.nn.functional.avg_pool2d(mask, 2))
+    # A point projects to the same physical spot of the detector (mm from its corner).
+    points = torch.tensor([[10.0, -20.0, 700.0], [-50.0, 3.0, 800.0], [0.0, 0.0, 650.0]])
+    edge = torch.tensor(camera.pixel_spacing[::-1]) * (camera.project(points) + 0.5)
+    edge_coarse = torch.tensor(coarse.pixel_spacing[::-1]) * (coarse.project(points) + 0.5)
+    torch.testing.assert_close(edge_coarse, edge)
+    # ... so the coarse DRR is the pooled fine one, up to the blur of sampling coarser.
+    from prostlab.similarity import ncc
+
+    with torch.no_grad():
+        drr = level.projector(level.ct, level.spacing, gt)
+    assert ncc(drr, level.target).item() > 0.99
+    # At full resolution the level is the input itself.
+    full = build_level(projector, spacing, target, ct, None, None, 1.0, 1)
+    assert full.projector is projector and full.target is target and full.ct is ct
+    with pytest.raises(ProstlabError, match=r"stages\[1\].detector_scale: .*32 x 32"):
+        build_level(projector, spacing, target, ct, None, None, 0.3, 1, where="stages[1]")
+    with pytest.raises(ProstlabError, match=r"stages\[0\].volume_downsample: .*ct volume"):
+        build_level(projector, spacing, target, ct, None, None, 1.0, 3, where="stages[0]")
+
+
+def test_coarse_to_fine_ncc_converges(small_chest):
+    from prostlab.metrics import mtre
+
+    projector, ct, spacing, points = small_chest
+    gt, start = cases(3, seed=2)
+    with torch.no_grad():
+        target = projector(ct, spacing, gt)
+    schedule = {
+        "stages": [
+            stage(similarity="ncc", lr=450.0, rotation_radius=136.0, plateau_std=1e-4,
+                  detector_scale=0.5, volume_downsample=2),
+            stage(similarity="ncc", lr=450.0, rotation_radius=136.0, plateau_std=1e-5),
+        ],
+        "max_total_iterations": 300,
+    }
+    result = register(target, start, schedule, projector=projector, spacing=spacing, ct=ct)
+    after = mtre(result.final_poses, gt, points)
+    print(f"\nmTRE after (mm): {after.tolist()}, iterations "
+          f"{[r.n_iterations for r in result.records]}, switches "
+          f"{[r.switches for r in result.records]}")
+    assert all(len(r.switches) == 1 for r in result.records)  # both levels ran
+    assert result.statuses == ["converged"] * 3
+    assert bool((after < 1.0).all()), after

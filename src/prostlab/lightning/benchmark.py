@@ -3,9 +3,10 @@
 Each test case is a ground-truth pose, a target X-ray rendered from the **whole CT** there (at
 the moving volume's resolution, or finer, with detector blur and Poisson noise as ``target``
 says: :mod:`prostlab.lightning.targets`) and an initial pose. Every method (a
-named registration schedule) registers the same cases, moving the segmented bones (ProST's
-setting) or the whole CT. Each (case, method) gives one row of errors, iterations and time; the
-rows of all processes are gathered, sorted by case, and written as ``cases.csv``,
+named registration schedule) registers the same cases; each stage renders what it chooses (the
+network the segmented bones, as ProST; the image similarities the whole CT), or what
+``moving`` forces on every stage. Each (case, method) gives one row of errors, iterations and
+time; the rows of all processes are gathered, sorted by case, and written as ``cases.csv``,
 ``summary.json``, ``summary.md`` and figures into the run's own folder
 ``output_dir/<run_name or timestamp>/`` (``-2``, ``-3``, ... appended when taken); the link
 ``output_dir/latest`` then points at it. The folder is created, and checked for writability,
@@ -43,7 +44,7 @@ from prostlab.metrics.functional import (
 from prostlab.outputs import check_run_name, check_writable_dir, new_run_dir
 from prostlab.registration import Schedule, as_schedule, register
 
-DEFAULT_METHODS = {"gradncc": "gradncc", "ncc": "ncc", "net": "net",
+DEFAULT_METHODS = {"gradncc": "gradncc", "ncc": "ncc", "mncc": "mncc", "net": "net",
                    "net_gradncc": "net_gradncc"}
 
 
@@ -53,7 +54,10 @@ class BenchmarkConfig:
 
     Attributes:
         methods: name -> schedule (a preset of configs/registration or a schedule mapping).
-        moving: the volume the methods render, "bone" (ProST) or "ct".
+        moving: None: each stage renders its own choice (``Stage.moving``; by default the
+            network the bones, the image similarities the whole CT). "bone" or "ct" overrides
+            every stage of every method: "bone" is ProST's protocol (bones everywhere, as on
+            its pelvis data); "ct" also feeds the whole CT to the network.
         target: how targets are rendered, a mapping of
             :class:`~prostlab.lightning.targets.TargetConfig` fields (``volume: ct | fine``,
             ``step_mm``, ``photons``, ``blur_mm``); empty: the moving CT's own DRR.
@@ -73,7 +77,7 @@ class BenchmarkConfig:
     """
 
     methods: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_METHODS))
-    moving: str = "bone"
+    moving: str | None = None
     target: dict[str, Any] = field(default_factory=dict)
     bins_mm: list[float] = field(default_factory=lambda: list(DEFAULT_BINS_MM))
     capture_rate: float = DEFAULT_CAPTURE_RATE
@@ -96,9 +100,9 @@ class BenchmarkConfig:
             raise ProstlabError(f"model.benchmark: unknown key(s) {unknown}; expected among "
                                 f"{sorted(cls.__dataclass_fields__)}")
         made = cls(**config)
-        if made.moving not in ("bone", "ct"):
-            raise ProstlabError(f"model.benchmark.moving: expected 'bone' or 'ct', "
-                                f"got {made.moving!r}")
+        if made.moving not in (None, "bone", "ct"):
+            raise ProstlabError(f"model.benchmark.moving: expected 'bone', 'ct' or null (each "
+                                f"stage's own choice), got {made.moving!r}")
         if not made.methods:
             raise ProstlabError("model.benchmark.methods: expected at least one method")
         if made.run_name is not None:
@@ -117,13 +121,17 @@ class BenchmarkConfig:
         return TargetConfig.from_config(self.target)
 
     def schedules(self) -> dict[str, Schedule]:
-        """Each method's schedule, validated (errors name the method)."""
+        """Each method's schedule, validated (errors name the method), with ``moving`` and
+        ``max_iterations`` applied."""
         out = {}
         for name, schedule in self.methods.items():
             try:
                 out[name] = as_schedule(schedule)
             except ProstlabError as exc:
                 raise ProstlabError(f"model.benchmark.methods.{name}: {exc}") from exc
+            if self.moving is not None:
+                stages = [dataclasses.replace(s, moving=self.moving) for s in out[name].stages]
+                out[name] = dataclasses.replace(out[name], stages=tuple(stages))
             if self.max_iterations is not None:
                 cap = min(out[name].max_total_iterations, int(self.max_iterations))
                 out[name] = dataclasses.replace(out[name], max_total_iterations=cap)
@@ -222,10 +230,9 @@ class BenchmarkLoop:
     def _benchmark_group(self, view, volume_index, gt, initial, cases) -> None:
         target = render_targets(self.bench.target_config, self.net.projector, view, gt, cases,
                                 self.trainer.datamodule.seed)
-        moving = view.bone if self.bench.moving == "bone" else view.ct
         for method, schedule in self.bench_schedules.items():
             result = register(target, initial, schedule, projector=self.net.projector,
-                              spacing=view.spacing, ct=moving, bone=view.bone, net=self.net)
+                              spacing=view.spacing, ct=view.ct, bone=view.bone, net=self.net)
             self.bench_rows += case_rows(method, cases, volume_index, gt, initial, result,
                                          view.points, self.camera,
                                          self.hparams.success_threshold_mm)

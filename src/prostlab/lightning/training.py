@@ -210,7 +210,7 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
             self.registration,
             projector=self.net.projector,
             spacing=view.spacing,
-            ct=view.bone,
+            ct=view.ct,
             bone=view.bone,
             net=self.net,
         )

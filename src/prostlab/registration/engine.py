@@ -12,7 +12,7 @@ One loop serves every method. Each iteration, for every case still running:
    :mod:`prostlab.registration.schedule`).
 
 Only running cases are evaluated: the objective of a stage is built for the indices of the cases
-in it (``factory(similarity, targets)``) and rebuilt when that set changes, so a case that has
+in it (``factory(stage, targets)``) and rebuilt when that set changes, so a case that has
 stopped costs no rendering. A case whose value or gradient is NaN or infinite is marked
 ``"failed"`` and dropped; the others go on. Optimiser state is per case and starts afresh in
 each stage. With several starts per target, every start runs as its own case in the same batch
@@ -34,6 +34,7 @@ from torch import Tensor
 from prostlab.errors import ProstlabError
 from prostlab.geometry import perturb
 from prostlab.geometry.checks import check_batched
+from prostlab.registration.levels import build_level
 from prostlab.registration.schedule import Schedule, Stage, load_schedule
 
 __all__ = [
@@ -50,11 +51,12 @@ __all__ = [
 STATUSES = ("converged", "max_iterations", "failed")
 """How a case ends: the last stage's plateau rule fired, an iteration cap did, or NaN/inf."""
 
-ObjectiveFactory = Callable[[str, Tensor], Callable[[Tensor], Tensor]]
-"""``factory(similarity, targets)`` -> ``objective(pose (n, 6)) -> (n,)``.
+ObjectiveFactory = Callable[[Stage, Tensor], Callable[[Tensor], Tensor]]
+"""``factory(stage, targets)`` -> ``objective(pose (n, 6)) -> (n,)``.
 
-``targets`` is a ``(n,)`` long tensor of target indices (repeated when several starts of one
-target run), in the order of the poses the objective will receive.
+``stage`` is the :class:`Stage` the objective serves (its ``similarity``, ``moving`` and
+resolution); ``targets`` is a ``(n,)`` long tensor of target indices (repeated when several
+starts of one target run), in the order of the poses the objective will receive.
 """
 
 _ADAM_BETA2 = 0.999
@@ -220,7 +222,7 @@ def optimise(
     your own.
 
     Args:
-        factory: ``factory(similarity, targets)`` -> ``objective(pose) -> values`` (see
+        factory: ``factory(stage, targets)`` -> ``objective(pose) -> values`` (see
             :data:`ObjectiveFactory`): lower is better, differentiable in the pose, one value per
             pose and independent across poses.
         initial_poses: ``(B, 6)`` one start per target, or ``(B, S, 6)`` S starts per target.
@@ -255,7 +257,7 @@ def optimise(
                 continue
             if k not in objectives or objectives[k][0] != members:
                 idx_targets = target_of[list(members)]
-                objectives[k] = (members, factory(stage.similarity, idx_targets))
+                objectives[k] = (members, factory(stage, idx_targets))
             objective = objectives[k][1]
             idx = torch.tensor(members, device=cases.pose.device)
             pose = cases.pose[idx]
@@ -380,10 +382,15 @@ def register(
 ) -> RegistrationResult:
     """Register a batch of X-rays to their volumes.
 
-    The objectives are those of :func:`prostlab.similarity.objective.make_objective`: the image
-    similarities (``"ncc"``, ``"gradncc"``) render ``ct``; ``"net"`` renders ``bone`` through the
-    network. To register a bone-only DRR to a whole-CT X-ray with an image similarity (ProST's
-    setting), pass the segmented volume as ``ct``.
+    The objectives are those of :func:`prostlab.similarity.objective.make_objective`. Each stage
+    chooses what it renders (:attr:`Stage.moving`): by default ``"net"`` renders ``bone`` through
+    the network and the image similarities (``"ncc"``, ``"gradncc"``, ``"mncc"``) render ``ct``;
+    ``moving: bone`` on an image stage gives ProST's bone-only DRR against a whole-CT X-ray.
+    Pass the volumes the stages need (both, for a net-then-image schedule).
+
+    A stage with ``detector_scale < 1`` or ``volume_downsample > 1`` works on a coarser detector
+    or volume (:mod:`prostlab.registration.levels`): its projector, pooled targets, volumes and
+    mask are built once, before the first iteration, for each distinct resolution.
 
     Args:
         target: ``(B, 1, h, w)`` X-rays on ``projector``'s detector.
@@ -392,8 +399,10 @@ def register(
             (:func:`~prostlab.registration.load_schedule`).
         projector: the :class:`~prostlab.projector.Projector` (its camera fixes the detector).
         spacing: voxel size in mm, array-axis order.
-        ct: ``(B | 1, 1, D, H, W)`` volume the image similarities render.
-        bone: ``(B | 1, 1, D, H, W)`` segmented volume for ``"net"``.
+        ct: ``(B | 1, 1, D, H, W)`` whole-CT attenuation (1/mm), rendered by stages with
+            ``moving: ct`` (the image similarities' default).
+        bone: ``(B | 1, 1, D, H, W)`` segmented attenuation, rendered by stages with
+            ``moving: bone`` (the network's default).
         net: the :class:`~prostlab.similarity.ConvexSimilarityNet` for ``"net"``.
         mask: optional ``(B | 1, 1, h, w)`` pixel weights for the image similarities.
 
@@ -432,16 +441,26 @@ def register(
                 f"got {got}"
             )
 
-    def factory(similarity: str, targets: Tensor) -> Callable[[Tensor], Tensor]:
+    levels = {}
+    for k, stage in enumerate(schedule.stages):
+        key = (stage.detector_scale, stage.volume_downsample)
+        if key not in levels:
+            levels[key] = build_level(
+                projector, spacing, target, ct, bone, mask, *key, where=f"stages[{k}]"
+            )
+
+    def factory(stage: Stage, targets: Tensor) -> Callable[[Tensor], Tensor]:
+        level = levels[(stage.detector_scale, stage.volume_downsample)]
         return make_objective(
-            similarity,
-            projector=projector,
-            ct=_take(ct, targets),
-            bone=_take(bone, targets),
-            spacing=spacing,
-            target=target[targets.to(target.device)],
+            stage.similarity,
+            projector=level.projector,
+            ct=_take(level.ct, targets),
+            bone=_take(level.bone, targets),
+            spacing=level.spacing,
+            target=level.target[targets.to(target.device)],
             net=net,
-            mask=_take(mask, targets),
+            mask=_take(level.mask, targets),
+            moving=stage.moving,
         )
 
     return optimise(factory, starts, schedule)

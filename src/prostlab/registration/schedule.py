@@ -1,9 +1,11 @@
 """Registration schedules: the stages an optimisation runs through, built from config.
 
 A :class:`Schedule` is a list of :class:`Stage` s and a global iteration cap. Each stage names a
-similarity (``"ncc"``, ``"gradncc"``, ``"net"``), an optimiser and its step sizes, and a plateau
-rule: a case leaves the stage when the standard deviation of its last ``plateau_window``
-objective values (in that stage) falls below ``plateau_std``, or after ``max_iterations`` in it.
+similarity (``"ncc"``, ``"gradncc"``, ``"mncc"``, ``"net"``), what it renders (``moving``: the
+bones or the whole CT), the resolution it works at (``detector_scale``, ``volume_downsample``),
+an optimiser and its step sizes, and a plateau rule: a case leaves the stage when the standard
+deviation of its last ``plateau_window`` objective values (in that stage) falls below
+``plateau_std``, or after ``max_iterations`` in it.
 
 **Step sizes.** The optimiser works in the tangent coordinates ``u = (r delta_rot, delta_trans)``
 of the retraction ``pose <- perturb(pose, delta)`` (``docs/geometry.md``): the rotation part,
@@ -33,6 +35,7 @@ from typing import Any
 
 from prostlab.errors import ProstlabError
 from prostlab.resources import preset_dir
+from prostlab.similarity.objective import MOVING, OBJECTIVES
 
 __all__ = [
     "OPTIMIZERS",
@@ -44,11 +47,12 @@ __all__ = [
     "preset_names",
 ]
 
-SIMILARITIES = ("ncc", "gradncc", "net")
+SIMILARITIES = OBJECTIVES
 """Similarity names a stage may use (those of :func:`prostlab.similarity.objective.make_objective`)."""
 
 OPTIMIZERS = ("sgd", "adam")
 """Optimisers a stage may use."""
+
 
 def _number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -88,6 +92,21 @@ class Stage:
         max_iterations: the case leaves the stage after this many iterations in it.
         rotation_radius: ``r`` in mm, the rotation-versus-translation scale: a rotation step
             is ``1 / r^2`` (SGD) or ``1 / r`` (Adam) times the translation step, in rad per mm.
+        moving: the volume the stage renders, ``"bone"`` (segmented) or ``"ct"`` (whole);
+            ``None``: the similarity's default, the bones for ``net`` (as ProST) and the whole
+            CT for the image similarities.
+        detector_scale: render and compare on a detector of ``scale * (h, w)`` pixels, each
+            ``1 / scale`` times larger, over the same field of view (:meth:`Camera.scaled
+            <prostlab.geometry.Camera.scaled>`); the target is average-pooled to that size. In
+            ``(0, 1]``; ``scale * h`` and ``scale * w`` must be integers.
+        volume_downsample: average-pool the volume by this integer factor (voxels ``f`` times
+            larger) and lengthen the sampling step by the same factor, so that a ray takes
+            ``1 / f`` as many samples at the same samples per voxel. It must divide the
+            volume's shape.
+
+    A coarse stage (``detector_scale < 1`` or ``volume_downsample > 1``) costs about
+    ``scale^2 / f`` of a full-resolution one per iteration. ``net`` stages render at the
+    network's own camera and volume: both must stay 1.
     """
 
     similarity: str
@@ -98,6 +117,9 @@ class Stage:
     plateau_std: float
     max_iterations: int = 500
     rotation_radius: float = 100.0
+    moving: str | None = None
+    detector_scale: float = 1.0
+    volume_downsample: int = 1
 
     def __post_init__(self) -> None:
         self.validate("stage")
@@ -119,7 +141,26 @@ class Stage:
             "plateau_std": _number(self.plateau_std, f"{where}.plateau_std"),
             "max_iterations": _integer(self.max_iterations, f"{where}.max_iterations", 1),
             "rotation_radius": _positive(self.rotation_radius, f"{where}.rotation_radius"),
+            "detector_scale": _positive(self.detector_scale, f"{where}.detector_scale"),
+            "volume_downsample": _integer(self.volume_downsample, f"{where}.volume_downsample", 1),
         }
+        if self.moving is not None and self.moving not in MOVING:
+            raise ProstlabError(
+                f"{where}.moving: expected one of {list(MOVING)} or null (the similarity's "
+                f"default), got {self.moving!r}"
+            )
+        if values["detector_scale"] > 1:
+            raise ProstlabError(
+                f"{where}.detector_scale: expected a number in (0, 1] (1: the camera's own "
+                f"detector), got {values['detector_scale']}"
+            )
+        if self.similarity == "net":
+            for name, full in (("detector_scale", 1.0), ("volume_downsample", 1)):
+                if values[name] != full:
+                    raise ProstlabError(
+                        f"{where}.{name}: a net stage renders at the network's own camera and "
+                        f"volume; expected {full}, got {values[name]}"
+                    )
         if not 0 <= values["momentum"] < 1:
             raise ProstlabError(
                 f"{where}.momentum: expected a number in [0, 1), got {values['momentum']}"
