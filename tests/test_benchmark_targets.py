@@ -151,3 +151,30 @@ def test_target_config_reports_the_inverse_crime():
                                                    "photons": 1e5, "blur_mm": 1.0}})
     assert made.target_config.as_dict() == {"volume": "fine", "step_mm": 1.75,
                                             "photons": 1e5, "blur_mm": 1.0}
+
+
+def test_prostlab_test_renders_fine_blurred_noisy_targets_and_reports_capture(tmp_path):
+    """End to end on configs/tiny.yaml: 32^3 moving CT, the 128^3 original for the targets."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    args = ["test", "--config", str(tiny), "--data.test_samples", "2",
+            "--model.benchmark.max_iterations", "3", "--model.benchmark.gif_case", "null",
+            # One flag for the mapping: a second --model.benchmark.target.KEY would replace it.
+            "--model.benchmark.target", "{volume: fine, step_mm: 4, blur_mm: 10, photons: 1e5}",
+            "--model.benchmark.capture_min_cases", "1"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "prostlab.cli", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(next((tmp_path / "results" / "tiny").rglob("summary.json")).read_text())
+    assert summary["meta"]["target"] == {"volume": "fine", "step_mm": 4.0, "photons": 1e5,
+                                         "blur_mm": 10.0}
+    for stats in summary["methods"].values():
+        assert sum(b["n"] for b in stats["success_by_initial_mtre"]) == 2
+        assert "capture_range_mm" in stats and "median_final_mpd_mm" in stats
+    assert "capture range (mm)" in done.stdout
