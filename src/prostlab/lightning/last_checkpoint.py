@@ -57,7 +57,7 @@ class LastCheckpoint(Callback):
         self.every_n_train_steps = int(every_n_train_steps)
         self.dirpath = dirpath
         self._saved_step: int | None = None
-        self._stop_requested = False
+        self._started = self._stop_requested = False
         self._previous_handler: Any = None
 
     # -- where --------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ class LastCheckpoint(Callback):
         temporary = path.with_name(f".{LAST_NAME}.partial")
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(temporary)
+        trainer.save_checkpoint(temporary, weights_only=False)  # all state, to resume
         if trainer.is_global_zero:
             os.replace(temporary, path)
         self._saved_step = trainer.global_step
@@ -99,8 +99,11 @@ class LastCheckpoint(Callback):
             self.resolve_dirpath(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._saved_step = trainer.global_step  # a resumed run starts from a saved step
-        self._stop_requested = False
+        # Nothing to save yet at step 0, nor at the step just resumed from this last.ckpt.
+        resumed = trainer.ckpt_path is not None and self.path is not None
+        resumed = resumed and os.path.realpath(trainer.ckpt_path) == os.path.realpath(self.path)
+        self._saved_step = trainer.global_step if trainer.global_step == 0 or resumed else None
+        self._started, self._stop_requested = True, False
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
 
@@ -124,12 +127,13 @@ class LastCheckpoint(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer)
+        self._started = False
         self._restore_handler()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_handler()
-        if trainer.state.fn != TrainerFn.FITTING or self._saved_step is None:
-            return  # not training, or stopped before the first step: nothing new to keep
+        if trainer.state.fn != TrainerFn.FITTING or not self._started:
+            return  # not training, or stopped before training started: nothing new to keep
         if trainer.world_size > 1 and not self._stop_requested:
             return  # one rank's crash: the others would wait for it in the save's barrier
         self.save(trainer)
