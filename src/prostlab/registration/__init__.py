@@ -1,7 +1,10 @@
 """Registration: staged, batched, multi-start optimisation of poses on SE(3).
 
-- :class:`Stage`, :class:`Schedule`: what runs (similarity, optimiser, step sizes, plateau rule),
-  built from config; :func:`load_schedule` reads the presets of ``configs/registration/``.
+- :class:`Stage`, :class:`Schedule`: what runs (similarity, what it renders, its resolution,
+  optimiser, step sizes, plateau rule), built from config; :func:`load_schedule` reads the
+  presets of ``configs/registration/``.
+- :mod:`~prostlab.registration.levels`: the coarser detectors and volumes of coarse-to-fine
+  stages, built once per resolution.
 - :func:`register`: register X-rays to volumes with the similarities of
   :mod:`prostlab.similarity`; :func:`optimise`: the same engine on any objectives.
 - :class:`RegistrationRecord`, :class:`RegistrationResult`: per-case histories and outcomes.
