@@ -170,3 +170,18 @@ def test_a_built_wheel_ships_presets_configs_and_example(tmp_path):
     assert out[1] == "['gradncc', 'ncc', 'net', 'net_gradncc']"
     assert out[2] == "torch.Size([1, 128, 128, 128])"
     assert out[3] == str(site / "prostlab" / "configs" / "tiny.yaml")
+
+
+def test_the_shipped_checkpoint_fits_the_shipped_cpu_config():
+    """`make demo` and the model card pair checkpoints/prost_cpu_chest.ckpt with configs/cpu.yaml:
+    the network described there must be the one the checkpoint holds."""
+    from omegaconf import OmegaConf
+
+    from prostlab.lightning.checkpoint import check_compatible
+    from prostlab.lightning.training import ConvexSimilarityModule
+
+    repo = Path(__file__).resolve().parents[1]
+    model = OmegaConf.to_container(OmegaConf.load(repo / "configs" / "cpu.yaml").model,
+                                   resolve=False)
+    module = ConvexSimilarityModule(camera=model["camera"], step=model["step"], net=model["net"])
+    check_compatible(repo / "checkpoints" / "prost_cpu_chest.ckpt", module)
