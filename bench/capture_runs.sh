@@ -7,6 +7,7 @@
 #   crime        NCC and Net+NCC on the wide cases with inverse-crime targets (the moving volume).
 # Each writes results/capture/<name>/latest/ and a log beside it. Usage:
 #   bash bench/capture_runs.sh CKPT [ABLATION_DIR] [NAMES...]
+# EXTRA_FLAGS="--data.test_samples 50" adds flags to every run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CKPT="$1"; ABL="${2:-checkpoints/runs/gpu}"; shift 2 || shift $#
@@ -17,7 +18,7 @@ run() {  # name, then extra flags
   local name="$1"; shift
   mkdir -p "results/capture/$name"
   "$BIN/prostlab" test --config configs/cpu.yaml --data.batch_size 25 --trainer.logger false \
-    --model.benchmark.output_dir "results/capture/$name" "$@" \
+    --model.benchmark.output_dir "results/capture/$name" "$@" ${EXTRA_FLAGS:-} \
     > "results/capture/$name.log" 2>&1
   echo "$name: exit $? at $(date +%T)"
 }
