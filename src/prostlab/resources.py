@@ -63,7 +63,7 @@ def example_data_dir() -> Path:
 
 
 def config_names() -> list[str]:
-    """Names of the shipped experiment configs, e.g. ``["cpu", "cpu_claim", "pelvis", "tiny"]``."""
+    """Names of the shipped experiment configs, e.g. ``["cpu", "cpu_on_gpu", "pelvis", "tiny"]``."""
     return sorted(p.stem for p in config_dir().glob("*.yaml"))
 
 
