@@ -1,10 +1,12 @@
-"""Read a CSV table whose header must hold given columns; errors name the file and line."""
+"""CSV tables: read one whose header must hold given columns (errors name the file and line),
+and write a list of rows."""
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from prostlab.errors import ProstlabError
 
@@ -24,3 +26,19 @@ def csv_rows(path: str | Path, columns: Sequence[str]) -> Iterator[tuple[int, di
             yield from enumerate(reader, start=2)
     except OSError as exc:
         raise ProstlabError(f"{path}: cannot read the table ({exc.strerror})") from exc
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write ``rows`` (dicts with the same keys, in order) as a CSV table with a header line,
+    under a temporary name moved into place (:func:`prostlab.outputs.atomic_path`)."""
+    from prostlab.outputs import atomic_path
+
+    if not rows:
+        raise ProstlabError(f"{path}: expected at least one row to write")
+    path = Path(path)
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+

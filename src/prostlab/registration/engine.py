@@ -214,7 +214,10 @@ def _direction(stage: Stage, cases: _Cases, idx: Tensor, grad: Tensor) -> Tensor
 
 
 def optimise(
-    factory: ObjectiveFactory, initial_poses: Tensor, schedule: Schedule | Any
+    factory: ObjectiveFactory,
+    initial_poses: Tensor,
+    schedule: Schedule | Any,
+    progress: Callable[[int, int], None] | None = None,
 ) -> RegistrationResult:
     """Run a schedule on a batch of cases, given a factory of objectives.
 
@@ -227,6 +230,7 @@ def optimise(
             pose and independent across poses.
         initial_poses: ``(B, 6)`` one start per target, or ``(B, S, 6)`` S starts per target.
         schedule: a :class:`Schedule`, its config (dict or list), or a preset name/YAML path.
+        progress: called after each iteration with ``(iteration, cases still running)``.
 
     Returns:
         The :class:`RegistrationResult`: per target the best start, and all starts.
@@ -244,10 +248,12 @@ def optimise(
         cases.status[n], cases.message[n] = status, message
         cases.end[n] = time.perf_counter() - t0
 
-    for _ in range(schedule.max_total_iterations):
+    for iteration in range(schedule.max_total_iterations):
         running = [n for n in range(n_cases) if cases.status[n] is None]
         if not running:
             break
+        if progress is not None and iteration:
+            progress(iteration, len(running))
         groups = [
             tuple(n for n in running if cases.stage[n] == k) for k in range(len(schedule.stages))
         ]
@@ -379,6 +385,7 @@ def register(
     bone: Tensor | None = None,
     net: Any = None,
     mask: Tensor | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> RegistrationResult:
     """Register a batch of X-rays to their volumes.
 
@@ -405,6 +412,7 @@ def register(
             ``moving: bone`` (the network's default).
         net: the :class:`~prostlab.similarity.ConvexSimilarityNet` for ``"net"``.
         mask: optional ``(B | 1, 1, h, w)`` pixel weights for the image similarities.
+        progress: called after each iteration with ``(iteration, cases still running)``.
 
     Returns:
         A :class:`RegistrationResult`.
@@ -463,4 +471,4 @@ def register(
             moving=stage.moving,
         )
 
-    return optimise(factory, starts, schedule)
+    return optimise(factory, starts, schedule, progress)
