@@ -7,7 +7,12 @@ own device, so loading stays cheap and the GPU renders. A case is
 
 drawn from :class:`~prostlab.data.poses.PoseSampler` with a generator seeded by ``(seed, split,
 index)``: the same seed and config give the same cases whatever the number of workers or
-processes. Training cases are a long fixed sequence (``train_samples``, read in order: every case
+processes.
+
+A DeepFluoro specimen (``{deepfluoro: FILE, specimen: N}``, :mod:`prostlab.data.deepfluoro`)
+supplies a CT like any other, and its real X-rays as the test cases: each case is one projection,
+its ground-truth pose from the file, a start drawn around it by ``test_poses``, and in the batch
+its X-ray itself (:class:`XrayCaseDataset`). Training cases are a long fixed sequence (``train_samples``, read in order: every case
 is already an independent random draw, so shuffling adds nothing and would make the global batch
 depend on the number of processes).
 """
@@ -17,19 +22,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from prostlab.data import deepfluoro
 from prostlab.data.example import example_path
 from prostlab.data.poses import PoseDistribution, PoseSampler, case_generator
 from prostlab.data.prepare import PreparedCT, load_prepared, prepare_ct
 from prostlab.data.volume import Volume
 from prostlab.errors import ProstlabError
+from prostlab.geometry import Camera, perturb
 
 SPLITS = ("train", "val", "test")
 
@@ -101,13 +111,99 @@ class PoseCaseDataset(Dataset):
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class XraySource:
+    """A DeepFluoro specimen's real X-rays, placed on its prepared cube.
+
+    Attributes:
+        path, specimen: the file and the specimen group.
+        ids: its projection indices.
+        geometry: the file's ``proj-params``.
+        vol_to_lps: the prepared cube's volume frame to the CT's LPS frame
+            (:func:`~prostlab.data.deepfluoro.volume_to_lps`).
+        landmarks: ``(L, 3)`` the 3D landmarks in the cube's volume frame, mm.
+        landmark_names: their names.
+        i0, collimator_px: the source's preprocessing options.
+    """
+
+    path: Path
+    specimen: str
+    ids: tuple[str, ...]
+    geometry: deepfluoro.Geometry
+    vol_to_lps: Any
+    landmarks: Any
+    landmark_names: tuple[str, ...]
+    i0: float | None
+    collimator_px: int
+
+
+class XrayCaseDataset(Dataset):
+    """Real X-rays as test cases: case ``i`` is the ``i``-th projection of the sources in
+    order (specimen by specimen, projection by projection), the first ``n`` of them.
+
+    A case is a :class:`PoseCaseDataset` case plus ``target`` ``(1, h, w)`` line integrals
+    fitted to ``camera``, ``target_mask`` ``(1, h, w)`` bool and ``landmarks`` ``(L, 3)``
+    (volume frame, mm; NaN rows for names another test specimen has and this one lacks). The
+    start is ``perturb(gt, offset)`` with the offset drawn from ``sampler.initial`` by case
+    ``i``'s generator.
+    """
+
+    def __init__(self, sources: Mapping[int, XraySource], sampler: PoseSampler, n: int | None,
+                 seed: int, camera: Camera):
+        self.items = [(v, pid) for v, source in sources.items() for pid in source.ids]
+        if n is not None:
+            self.items = self.items[: int(n)]
+        self.sources, self.sampler, self.seed, self.camera = dict(sources), sampler, seed, camera
+        names = sorted({name for s in sources.values() for name in s.landmark_names})
+        self.landmark_rows = {
+            v: [s.landmark_names.index(name) if name in s.landmark_names else -1
+                for name in names]
+            for v, s in sources.items()
+        }
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        volume_index, pid = self.items[index]
+        source = self.sources[volume_index]
+        projection = deepfluoro.read_projection(source.path, source.specimen, pid)
+        case = deepfluoro.xray_case(
+            projection, source.geometry, source.vol_to_lps,
+            (self.camera.height, self.camera.width), self.camera.sid, source.i0,
+            source.collimator_px,
+        )
+        generator = case_generator(self.seed, SPLITS.index("test"), index)
+        offset = self.sampler.initial.sample(1, generator, first=index)
+        gt = case.gt_pose[None]
+        rows = self.landmark_rows[volume_index]
+        landmarks = torch.full((len(rows), 3), math.nan)
+        for k, row in enumerate(rows):
+            if row >= 0:
+                landmarks[k] = torch.from_numpy(source.landmarks[row])
+        return {
+            "volume_index": volume_index,
+            "gt_pose": gt[0].float(),
+            "initial_pose": perturb(gt, offset)[0].float(),
+            "case": index,
+            "target": torch.from_numpy(case.target)[None],
+            "target_mask": torch.from_numpy(case.mask)[None],
+            "landmarks": landmarks,
+        }
+
+
 class PoseDataModule(pl.LightningDataModule):
     """CT/segmentation pairs, prepared once and cached, and registration cases around them.
 
     Args:
-        volumes: the data, a list of entries, each either ``{"prepared": DIR}`` (a folder written
-            by ``prostlab prepare``) or ``{"ct": PATH, "labels": PATH}`` (prepared into
-            ``cache_dir`` on first use). Default: the bundled example.
+        volumes: the data, a list of entries, each ``{"prepared": DIR}`` (a folder written by
+            ``prostlab prepare``), ``{"ct": PATH, "labels": PATH}`` (prepared into
+            ``cache_dir`` on first use), or ``{"deepfluoro": FILE, "specimen": N}`` (a DeepFluoro
+            specimen, 1-6 or a group name, its CT prepared into ``cache_dir``; optional ``i0``
+            and ``collimator_px``, see :func:`~prostlab.data.deepfluoro.xray_case`). Default:
+            the bundled example.
         cache_dir: where raw CTs are prepared to, one folder per CT and preparation settings.
         size: voxels per cube edge when preparing.
         bones: bone selection when preparing (a preset, a group, or label ids).
@@ -123,10 +219,13 @@ class PoseDataModule(pl.LightningDataModule):
         train_curriculum: ``{"start": s0, "samples": n}``: widen the training offsets from
             ``s0`` times the ``train_poses`` law to all of it over the first ``n`` cases
             (:class:`Curriculum`); None: the full law from the start.
-        train_samples, val_samples, test_samples: cases per split.
+        train_samples, val_samples, test_samples: cases per split; with DeepFluoro volumes in
+            the test split, ``test_samples`` caps the number of real X-rays (null: all).
         batch_size: the **global** batch; each of ``world_size`` processes takes an equal share.
         num_workers: data-loader workers per process.
         seed: seeds every draw.
+        camera: the model's camera (linked from ``model.camera`` by the CLI), a mapping of
+            :class:`~prostlab.geometry.Camera` fields: real X-rays are fitted to its detector.
     """
 
     def __init__(
@@ -143,18 +242,21 @@ class PoseDataModule(pl.LightningDataModule):
         train_curriculum: dict[str, Any] | None = None,
         train_samples: int = 1_000_000,
         val_samples: int = 16,
-        test_samples: int = 100,
+        test_samples: int | None = 100,
         batch_size: int = 2,
         num_workers: int = 0,
         seed: int = 0,
+        camera: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.sources = [dict(v) for v in (volumes or [{"prepared": str(example_path())}])]
         for i, source in enumerate(self.sources):
-            if set(source) not in ({"prepared"}, {"ct", "labels"}, {"ct"}):
+            if "deepfluoro" in source:
+                self.sources[i] = deepfluoro.source_options(source, f"data.volumes[{i}]")
+            elif set(source) not in ({"prepared"}, {"ct", "labels"}, {"ct"}):
                 raise ProstlabError(
-                    f"data.volumes[{i}]: expected {{prepared: DIR}} or {{ct: PATH, labels: PATH}}, "
-                    f"got keys {sorted(source)}"
+                    f"data.volumes[{i}]: expected {{prepared: DIR}}, {{ct: PATH, labels: PATH}} "
+                    f"or {{deepfluoro: FILE, specimen: N}}, got keys {sorted(source)}"
                 )
         self.cache_dir, self.size, self.bones = Path(cache_dir), int(size), bones
         if not isinstance(downsample, int) or downsample < 1:
@@ -175,13 +277,26 @@ class PoseDataModule(pl.LightningDataModule):
             if not self.samplers["train"].relative:
                 raise ProstlabError("data.train_curriculum: needs data.train_poses.relative: true")
         self.counts = {"train": train_samples, "val": val_samples, "test": test_samples}
+        real = [i for i in self.split["test"] if "deepfluoro" in self.sources[i]]
+        if real and len(real) != len(self.split["test"]):
+            raise ProstlabError(
+                f"data.split.test: volumes {real} are DeepFluoro specimens (real X-rays) and the "
+                "others CTs (rendered targets); expected one kind in the test split"
+            )
+        if real and not self.samplers["test"].relative:
+            raise ProstlabError("data.test_poses.relative: real X-rays have their own ground "
+                                "truth; expected relative: true (starts drawn around it)")
         for name, count in self.counts.items():
-            if int(count) < 1:
+            if count is None and name == "test" and real:
+                continue
+            if count is None or int(count) < 1:
                 raise ProstlabError(f"data.{name}_samples: expected a positive count, got {count}")
         if int(batch_size) < 1:
             raise ProstlabError(f"data.batch_size: expected a positive integer, got {batch_size}")
         self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
+        self.camera = None if camera is None else Camera.from_dict(camera)
         self.prepared: list[PreparedCT] = []
+        self.xrays: dict[int, XraySource] = {}
 
     # ------------------------------------------------------------------------------ volumes
     def _resolve_split(self, split: Mapping[str, list[int]] | None) -> dict[str, list[int]]:
@@ -216,15 +331,20 @@ class PoseDataModule(pl.LightningDataModule):
     def _cached_folder(self, source: Mapping[str, str]) -> Path:
         """The cache folder of a raw CT: named by the inputs' identity and the settings."""
         identity = {"size": self.size, "bones": self.bones}
-        for key in ("ct", "labels"):
+        for key in ("ct", "labels", "path"):
             if key in source:
                 path = Path(source[key])
                 if not path.exists():
                     raise ProstlabError(f"data.volumes: {key} {path}: no such file or folder")
                 stat = path.stat()
                 identity[key] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+        if "path" in source:
+            identity["specimen"] = source["specimen"]
+            name = f"deepfluoro-{source['specimen']}"
+        else:
+            name = Path(source["ct"]).name.split(".")[0]
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-        return self.cache_dir / f"{Path(source['ct']).name.split('.')[0]}-{digest}"
+        return self.cache_dir / f"{name}-{digest}"
 
     def _folder(self, source: Mapping[str, str]) -> Path:
         if "prepared" in source:
@@ -241,6 +361,14 @@ class PoseDataModule(pl.LightningDataModule):
         """Prepare every raw CT not yet in the cache (runs once, on the first process)."""
         for source in self.sources:
             folder = self._folder(source)
+            if "path" in source and not (folder / "meta.json").is_file():
+                rank_zero_info(f"preparing DeepFluoro specimen {source['specimen']} of "
+                               f"{source['path']} into {folder}")
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=self.cache_dir) as raw:
+                    files = deepfluoro.export_specimen(source["path"], source["specimen"], raw)
+                    prepare_ct(files["ct"], files["labels"], folder, size=self.size,
+                               bones=self.bones, overwrite=True)
             if "ct" in source and not (folder / "meta.json").is_file():
                 rank_zero_info(f"preparing {source['ct']} into {folder}")
                 prepare_ct(  # a cache folder without meta.json holds an interrupted try
@@ -261,6 +389,39 @@ class PoseDataModule(pl.LightningDataModule):
                         f"data.volumes: {prepared.directory}: the segmented CT has no bone "
                         f"voxels (source {source}); check the labels and data.bones"
                     )
+            self.xrays = {i: self._xray_source(i) for i in self.split["test"]
+                          if "path" in self.sources[i]}
+
+    def _xray_source(self, index: int) -> XraySource:
+        source, cube = self.sources[index], self.prepared[index].ct
+        specimen = deepfluoro.specimen_name(source["path"], source["specimen"])
+        ct = deepfluoro.read_specimen(source["path"], specimen)
+        vol_to_lps = deepfluoro.volume_to_lps(cube.affine, cube.shape[1:])
+        names = tuple(ct.landmarks)
+        points = deepfluoro.landmarks_in_volume([ct.landmarks[n] for n in names], vol_to_lps)
+        return XraySource(
+            source["path"], specimen, tuple(deepfluoro.projection_ids(source["path"], specimen)),
+            deepfluoro.read_geometry(source["path"]), vol_to_lps, points.astype("float32"),
+            names, source["i0"], source["collimator_px"],
+        )
+
+    def xray_cameras(self) -> list[Camera]:
+        """The detectors the test split's real X-rays are fitted to, one per distinct
+        orientation (the model's camera must equal each); empty without real X-rays."""
+        self.setup()
+        cameras = []
+        for source in self.xrays.values():
+            for flag in (False, True):
+                signs = deepfluoro.camera_signs(source.geometry.intrinsic, flag)
+                full = deepfluoro.detector_camera(source.geometry, signs, self._xray_camera().sid)
+                cameras.append(deepfluoro.fitted_camera(full, self._xray_camera()))
+        return list(dict.fromkeys(cameras))
+
+    def _xray_camera(self) -> Camera:
+        if self.camera is None:
+            raise ProstlabError("data.camera: real X-rays are fitted to the model's detector; "
+                                "expected the model's camera (the CLI links model.camera)")
+        return self.camera
 
     def full_resolution_cts(self, indices: Sequence[int]) -> dict[int, Volume]:
         """The CTs of volumes ``indices`` before ``downsample`` (the benchmark's finer targets).
@@ -274,8 +435,12 @@ class PoseDataModule(pl.LightningDataModule):
         return {int(i): load_prepared(self._folder(self.sources[int(i)])).ct for i in indices}
 
     # ---------------------------------------------------------------------------- datasets
-    def dataset(self, split: str, start: int = 0) -> PoseCaseDataset:
-        """The cases of ``split`` ("train", "val" or "test") from case ``start`` on."""
+    def dataset(self, split: str, start: int = 0) -> PoseCaseDataset | XrayCaseDataset:
+        """The cases of ``split`` ("train", "val" or "test") from case ``start`` on; the real
+        X-rays of the test split's DeepFluoro specimens, if it has them."""
+        if split == "test" and self.xrays:
+            return XrayCaseDataset(self.xrays, self.samplers["test"], self.counts["test"],
+                                   self.seed, self._xray_camera())
         return PoseCaseDataset(
             self.split[split], self.samplers[split], self.counts[split], self.seed, split, start,
             self.curriculum if split == "train" else None,
