@@ -7,6 +7,11 @@ layout documented by the data set's authors; the real file is not used here.
 
 from __future__ import annotations
 
+import csv
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -15,6 +20,7 @@ import pytest
 import torch
 
 from deepfluoro_synthetic import BORDER_PX, I0, SPECIMEN, write_synthetic
+from fit_run import fit
 from prostlab.data import PoseDataModule
 from prostlab.data import deepfluoro as df
 from prostlab.errors import ProstlabError
@@ -181,3 +187,96 @@ def test_missing_file_specimen_and_dataset_are_one_line(synthetic, tmp_path):
         df.read_geometry(broken)
     with pytest.raises(ProstlabError, match=r"'17-1882/projections/002/gt-poses/cam-to-pelvis"):
         df.read_projection(broken, SPECIMEN, "002")
+
+
+# ---------------------------------------------------------------------------- data module
+def test_datamodule_gives_the_real_xrays_as_test_cases(synthetic, datamodule):
+    cases = datamodule.dataset("test")
+    assert len(cases) == 4  # test_samples caps the 5 projections
+    geometry = df.read_geometry(synthetic.path)
+    cube = datamodule.prepared[0].ct
+    cube_to_lps = df.volume_to_lps(cube.affine, cube.shape[1:])
+    ct = df.read_specimen(synthetic.path, 1)
+    for index in range(len(cases)):
+        case = cases[index]
+        assert case["target"].shape == case["target_mask"].shape == (1, 16, 16)
+        assert case["target_mask"].dtype == torch.bool and case["target_mask"].sum() == 196
+        assert float(case["target"][case["target_mask"]].min()) > 0
+        projection = df.read_projection(synthetic.path, SPECIMEN, f"{index:03d}")
+        signs = df.camera_signs(geometry.intrinsic, projection.rot_180_for_up)
+        gt = df.pose_from_file(projection.cam_to_pelvis_vol, geometry.extrinsic, signs,
+                               cube_to_lps, 620.0)
+        assert torch.allclose(case["gt_pose"].double(), gt, atol=1e-5)
+        offset = (case["initial_pose"] - case["gt_pose"]).abs()
+        assert 0 < float(offset.max()) < 60
+        expected = df.landmarks_in_volume(np.stack(list(ct.landmarks.values())), cube_to_lps)
+        assert np.allclose(case["landmarks"].numpy(), expected, atol=1e-4)
+        again = cases[index]
+        assert torch.equal(again["initial_pose"], case["initial_pose"])  # seeded per case
+    assert datamodule.xray_cameras() == [Camera.from_dict(TINY_CAMERA)]
+
+
+def test_datamodule_refusals(synthetic, tmp_path):
+    source = {"deepfluoro": str(synthetic.path), "specimen": 1}
+    with pytest.raises(ProstlabError, match=r"data.volumes\[0\].i0: -1"):
+        PoseDataModule(volumes=[{**source, "i0": -1}])
+    with pytest.raises(ProstlabError, match=r"data.volumes\[0\]: keys .*expected \{deepfluoro"):
+        PoseDataModule(volumes=[{**source, "view": 3}])
+    with pytest.raises(ProstlabError, match=r"data.test_poses.relative"):
+        PoseDataModule(volumes=[source], test_poses={"relative": False})
+    with pytest.raises(ProstlabError, match=r"specimen: 9; expected 1-6"):
+        PoseDataModule(volumes=[{**source, "specimen": 9}], cache_dir=str(tmp_path)).setup()
+    with pytest.raises(ProstlabError, match=r"model.camera: .* does not match the real X-rays"):
+        df.check_fitted_camera(Camera.from_dict({**TINY_CAMERA, "pixel_spacing": [20.0, 20.0]}),
+                               Camera.from_dict(TINY_CAMERA))
+
+
+# ---------------------------------------------------------------------------- prostlab test
+def _prostlab(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "prostlab.cli", *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _test_args(synthetic) -> list[str]:
+    volumes = (f"[{{deepfluoro: {synthetic.path}, specimen: 1, i0: {I0}, "
+               f"collimator_px: {BORDER_PX}}}]")
+    return ["test", "--config", str(TINY), "--data.volumes", volumes, "--data.bones", "pelvis",
+            "--data.size", "32", "--data.downsample", "1", "--data.test_samples", "3",
+            "--model.benchmark.methods", "{ncc: ncc}", "--model.benchmark.max_iterations", "20",
+            "--model.benchmark.gif_case", "null", "--model.benchmark.overlays", "1"]
+
+
+def test_prostlab_test_on_the_synthetic_file_scores_the_landmarks(synthetic, tmp_path):
+    done = _prostlab(tmp_path, *_test_args(synthetic))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "results" / "tiny" / "latest"
+    with (out / "cases.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["case"]) for r in rows] == [0, 1, 2]
+    for row in rows:
+        for key in ("initial_landmark_mtre_mm", "final_landmark_mtre_mm",
+                    "final_landmark_mrpd_mm"):
+            assert math.isfinite(float(row[key])), key
+        assert float(row["final_landmark_mtre_mm"]) < float(row["initial_landmark_mtre_mm"])
+    assert "median landmark mTRE (mm)" in (out / "summary.md").read_text()
+
+
+def test_prostlab_test_refuses_a_camera_that_is_not_the_files(synthetic, tmp_path):
+    done = _prostlab(tmp_path, *_test_args(synthetic), "--model.camera.pixel_spacing",
+                     "[20.0, 20.0]")
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "model.camera" in last and "'pixel_spacing': [20.0, 20.0]" in last
+    assert "[23.36, 23.36]" in last and "Traceback" not in done.stderr
+
+
+def test_prostlab_fit_trains_on_the_specimens_ct(synthetic, tmp_path):
+    volumes = f"[{{deepfluoro: {synthetic.path}, specimen: 1}}]"
+    done = fit(tmp_path, "--data.volumes", volumes, "--data.bones", "pelvis", "--data.size", "32",
+               "--data.downsample", "2", "--trainer.max_steps", "1",
+               "--trainer.limit_val_batches", "0", "--model.image_every_n_steps", "0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    prepared = list((tmp_path / "cache" / "prepared").glob("deepfluoro-1-*/meta.json"))
+    assert len(prepared) == 1 and '"ids": [\n      1,\n      2,\n      4,\n      7\n' in (
+        prepared[0].read_text())

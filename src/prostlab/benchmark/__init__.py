@@ -14,6 +14,7 @@ from prostlab.benchmark.capture import (
     success_by_bin,
 )
 from prostlab.benchmark.rows import (
+    LANDMARK_FIELDS,
     ROW_FIELDS,
     STATUSES,
     is_failed,
@@ -22,6 +23,7 @@ from prostlab.benchmark.rows import (
     write_cases_csv,
 )
 from prostlab.benchmark.summary import (
+    LANDMARK_SUMMARY_FIELDS,
     SUMMARY_FIELDS,
     bins_table,
     check_threshold,
@@ -35,6 +37,8 @@ __all__ = [
     "DEFAULT_BINS_MM",
     "DEFAULT_CAPTURE_MIN_CASES",
     "DEFAULT_CAPTURE_RATE",
+    "LANDMARK_FIELDS",
+    "LANDMARK_SUMMARY_FIELDS",
     "ROW_FIELDS",
     "STATUSES",
     "SUMMARY_FIELDS",

@@ -21,8 +21,10 @@ from prostlab.errors import ProstlabError
 from prostlab.outputs import atomic_path
 
 __all__ = [
+    "LANDMARK_FIELDS",
     "ROW_FIELDS",
     "STATUSES",
+    "columns",
     "is_failed",
     "methods_in_order",
     "validate_rows",
@@ -47,6 +49,15 @@ ROW_FIELDS = (
     "success",
 )
 """The keys of a row, in the column order of ``cases.csv``."""
+
+LANDMARK_FIELDS = (
+    "initial_landmark_mtre_mm",
+    "final_landmark_mtre_mm",
+    "final_landmark_mrpd_mm",
+)
+"""Optional keys, present when the cases have 3D landmarks (DeepFluoro): the mTRE over them and
+the mean reprojection distance on the detector plane. They follow :data:`ROW_FIELDS` in
+``cases.csv`` when any row has them."""
 
 STATUSES = ("converged", "max_iterations", "failed")
 """The values of a row's ``status``."""
@@ -79,7 +90,8 @@ def validate_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     ignored): integers for ``case``, ``volume_index``, ``iterations`` and ``switch_iteration``
     (``>= -1``), real numbers (NaN allowed) for the errors and ``seconds``, a non-empty string for
     ``method``, one of :data:`STATUSES` for ``status`` and a bool for ``success``. A
-    ``(case, method)`` pair may occur once.
+    ``(case, method)`` pair may occur once. The :data:`LANDMARK_FIELDS`, where present, are real
+    numbers (NaN allowed).
 
     Raises:
         ProstlabError: naming the row index and the key, and the expected form.
@@ -108,7 +120,7 @@ def validate_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
                 f"rows[{i}].switch_iteration: expected an iteration index >= 0, or -1 when the "
                 f"schedule never switched, got {row['switch_iteration']}"
             )
-        for key in _FLOATS:
+        for key in _FLOATS + tuple(k for k in LANDMARK_FIELDS if k in row):
             if not _is_real(row[key]):
                 raise ProstlabError(
                     f"rows[{i}].{key}: expected a real number (NaN allowed), got {row[key]!r}"
@@ -154,8 +166,15 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def columns(rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The columns of ``rows``: :data:`ROW_FIELDS`, then :data:`LANDMARK_FIELDS` when any row
+    has them (NaN in the rows that do not)."""
+    marked = any(key in row for row in rows for key in LANDMARK_FIELDS)
+    return ROW_FIELDS + (LANDMARK_FIELDS if marked else ())
+
+
 def write_cases_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Write one CSV line per case and method, columns :data:`ROW_FIELDS`.
+    """Write one CSV line per case and method, the :func:`columns` of the rows.
 
     Lines are sorted by case, then by the methods' first-seen order, so the same rows give the same
     file. NaN is written ``nan`` and bools ``True``/``False``: ``float(cell)`` and
@@ -172,7 +191,8 @@ def write_cases_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(ROW_FIELDS)
+        fields = columns(rows)
+        writer.writerow(fields)
         for row in ordered:
-            writer.writerow([_cell(row[key]) for key in ROW_FIELDS])
+            writer.writerow([_cell(row.get(key, math.nan)) for key in fields])
     return path

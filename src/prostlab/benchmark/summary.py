@@ -32,12 +32,13 @@ from prostlab.benchmark.capture import (
     capture_range,
     success_by_bin,
 )
-from prostlab.benchmark.rows import is_failed, methods_in_order, validate_rows
+from prostlab.benchmark.rows import LANDMARK_FIELDS, is_failed, methods_in_order, validate_rows
 from prostlab.errors import ProstlabError
 from prostlab.metrics.functional import DEFAULT_SUCCESS_THRESHOLD_MM
 from prostlab.outputs import write_text
 
 __all__ = [
+    "LANDMARK_SUMMARY_FIELDS",
     "SUMMARY_FIELDS",
     "bins_table",
     "check_threshold",
@@ -70,6 +71,13 @@ SUMMARY_FIELDS = (
     "success_by_initial_mtre",
 )
 """The keys of each method's statistics, in order."""
+
+LANDMARK_SUMMARY_FIELDS = (
+    "median_initial_landmark_mtre_mm",
+    "median_final_landmark_mtre_mm",
+    "median_final_landmark_mrpd_mm",
+)
+"""Keys added after :data:`SUMMARY_FIELDS` when the rows have landmark scores."""
 
 
 def check_threshold(threshold_mm: Any) -> float:
@@ -122,6 +130,9 @@ def summarise(
     - ``threshold_mm``: the threshold used, so the dict presents itself.
     - ``success_by_initial_mtre``: :func:`~prostlab.benchmark.capture.success_by_bin` over
       ``bins_mm`` (a list of ``{lo_mm, hi_mm, n, n_success, success_rate}``, the open bin last).
+    - with landmark scores in the rows (:data:`~prostlab.benchmark.rows.LANDMARK_FIELDS`),
+      :data:`LANDMARK_SUMMARY_FIELDS`: the median initial landmark mTRE over all cases, the
+      median final landmark mTRE and mean reprojection distance over the cases that did not fail.
 
     Success is recomputed from ``final_mtre_mm`` and ``threshold_mm``; the rows' own ``success``
     flag is not read, so a summary can re-threshold the same rows.
@@ -163,6 +174,15 @@ def summarise(
             "success_by_initial_mtre": bins,
         }
         summary[method] = {key: stats[key] for key in SUMMARY_FIELDS}
+        if any(LANDMARK_FIELDS[0] in row for row in mine):
+            summary[method].update({
+                "median_initial_landmark_mtre_mm": _median(
+                    [r.get("initial_landmark_mtre_mm", math.nan) for r in mine]),
+                "median_final_landmark_mtre_mm": _median(
+                    [r.get("final_landmark_mtre_mm", math.nan) for r in kept]),
+                "median_final_landmark_mrpd_mm": _median(
+                    [r.get("final_landmark_mrpd_mm", math.nan) for r in kept]),
+            })
     return summary
 
 
@@ -205,7 +225,9 @@ def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
 
     Columns: method, cases, failed, success rate (mTRE below the threshold, %), capture range
     (mm), median and mean final mTRE (mm), median final mPD (mm), median rotation (deg) and
-    translation (mm) errors, median iterations and median seconds. mm and deg have 2 decimals,
+    translation (mm) errors, median iterations and median seconds; when a method has landmark
+    scores, median final landmark mTRE and reprojection distance (mm) before the iterations.
+    mm and deg have 2 decimals,
     success 1, the capture range 0 (it is a bin edge); ``–`` marks an undefined value (every case
     failed, or no bin measured). It ends without a newline.
     """
@@ -214,6 +236,7 @@ def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
     if len(thresholds) > 1:
         raise ProstlabError(f"summary: expected one threshold_mm for all methods, got {thresholds}")
     threshold = f"{thresholds[0] if thresholds else DEFAULT_SUCCESS_THRESHOLD_MM:g} mm"
+    marked = any(LANDMARK_SUMMARY_FIELDS[1] in stats for stats in summary.values())
     header = (
         "method",
         "cases",
@@ -225,6 +248,7 @@ def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
         "median mPD (mm)",
         "median rot. error (deg)",
         "median trans. error (mm)",
+        *(("median landmark mTRE (mm)", "median landmark mRPD (mm)") if marked else ()),
         "median iterations",
         "median time (s)",
     )
@@ -244,6 +268,8 @@ def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
             _number(s["median_final_mpd_mm"]),
             _number(s["median_final_rotation_error_deg"]),
             _number(s["median_final_translation_error_mm"]),
+            *((_number(s.get("median_final_landmark_mtre_mm")),
+               _number(s.get("median_final_landmark_mrpd_mm"))) if marked else ()),
             _count(s["median_iterations"]),
             _number(s["median_seconds"]),
         )

@@ -230,7 +230,7 @@ class PoseDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        volumes: list[dict[str, str]] | None = None,
+        volumes: list[dict[str, Any]] | None = None,
         cache_dir: str = "cache/prepared",
         size: int = 128,
         bones: str | list[int] = "bones",
@@ -331,14 +331,14 @@ class PoseDataModule(pl.LightningDataModule):
     def _cached_folder(self, source: Mapping[str, str]) -> Path:
         """The cache folder of a raw CT: named by the inputs' identity and the settings."""
         identity = {"size": self.size, "bones": self.bones}
-        for key in ("ct", "labels", "path"):
+        for key in ("ct", "labels", "deepfluoro"):
             if key in source:
                 path = Path(source[key])
                 if not path.exists():
                     raise ProstlabError(f"data.volumes: {key} {path}: no such file or folder")
                 stat = path.stat()
                 identity[key] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-        if "path" in source:
+        if "deepfluoro" in source:
             identity["specimen"] = source["specimen"]
             name = f"deepfluoro-{source['specimen']}"
         else:
@@ -361,12 +361,12 @@ class PoseDataModule(pl.LightningDataModule):
         """Prepare every raw CT not yet in the cache (runs once, on the first process)."""
         for source in self.sources:
             folder = self._folder(source)
-            if "path" in source and not (folder / "meta.json").is_file():
+            if "deepfluoro" in source and not (folder / "meta.json").is_file():
                 rank_zero_info(f"preparing DeepFluoro specimen {source['specimen']} of "
-                               f"{source['path']} into {folder}")
+                               f"{source['deepfluoro']} into {folder}")
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=self.cache_dir) as raw:
-                    files = deepfluoro.export_specimen(source["path"], source["specimen"], raw)
+                    files = deepfluoro.export_specimen(source["deepfluoro"], source["specimen"], raw)
                     prepare_ct(files["ct"], files["labels"], folder, size=self.size,
                                bones=self.bones, overwrite=True)
             if "ct" in source and not (folder / "meta.json").is_file():
@@ -390,18 +390,18 @@ class PoseDataModule(pl.LightningDataModule):
                         f"voxels (source {source}); check the labels and data.bones"
                     )
             self.xrays = {i: self._xray_source(i) for i in self.split["test"]
-                          if "path" in self.sources[i]}
+                          if "deepfluoro" in self.sources[i]}
 
     def _xray_source(self, index: int) -> XraySource:
         source, cube = self.sources[index], self.prepared[index].ct
-        specimen = deepfluoro.specimen_name(source["path"], source["specimen"])
-        ct = deepfluoro.read_specimen(source["path"], specimen)
+        specimen = deepfluoro.specimen_name(source["deepfluoro"], source["specimen"])
+        ct = deepfluoro.read_specimen(source["deepfluoro"], specimen)
         vol_to_lps = deepfluoro.volume_to_lps(cube.affine, cube.shape[1:])
         names = tuple(ct.landmarks)
         points = deepfluoro.landmarks_in_volume([ct.landmarks[n] for n in names], vol_to_lps)
         return XraySource(
-            source["path"], specimen, tuple(deepfluoro.projection_ids(source["path"], specimen)),
-            deepfluoro.read_geometry(source["path"]), vol_to_lps, points.astype("float32"),
+            source["deepfluoro"], specimen, tuple(deepfluoro.projection_ids(source["deepfluoro"], specimen)),
+            deepfluoro.read_geometry(source["deepfluoro"]), vol_to_lps, points.astype("float32"),
             names, source["i0"], source["collimator_px"],
         )
 

@@ -568,5 +568,5 @@ def source_options(source: Mapping[str, Any], where: str) -> dict[str, Any]:
     if isinstance(border, bool) or not isinstance(border, numbers.Integral) or border < 0:
         raise ProstlabError(f"{where}.collimator_px: {border!r}; expected a whole number of "
                             "pixels >= 0")
-    return {"path": Path(source["deepfluoro"]), "specimen": source["specimen"],
+    return {"deepfluoro": Path(source["deepfluoro"]), "specimen": source["specimen"],
             "i0": None if i0 is None else float(i0), "collimator_px": int(border)}

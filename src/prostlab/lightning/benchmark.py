@@ -2,7 +2,9 @@
 
 Each test case is a ground-truth pose, a target X-ray rendered from the **whole CT** there (at
 the moving volume's resolution, or finer, with detector blur and Poisson noise as ``target``
-says: :mod:`prostlab.lightning.targets`) and an initial pose. Every method (a
+says: :mod:`prostlab.lightning.targets`) and an initial pose; or, when the batch carries them
+(DeepFluoro, :mod:`prostlab.data.deepfluoro`), a real X-ray ``target`` with its ``target_mask``
+and the CT's 3D ``landmarks``, which add landmark scores to the rows. Every method (a
 named registration schedule) registers the same cases; each stage renders what it chooses (the
 network the segmented bones, as ProST; the image similarities the whole CT), or what
 ``moving`` forces on every stage. Each (case, method) gives one row of errors, iterations and
@@ -32,6 +34,7 @@ from prostlab.benchmark.capture import (
     bin_edges,
     capture_range,
 )
+from prostlab.data.deepfluoro import check_fitted_camera
 from prostlab.errors import ProstlabError
 from prostlab.lightning.benchmark_output import write_benchmark
 from prostlab.lightning.targets import TargetConfig, render_targets
@@ -154,8 +157,12 @@ class CaseOutcome:
 
 def case_rows(method: str, batch_cases: torch.Tensor, volume_index: int, gt: torch.Tensor,
               initial: torch.Tensor, result, points: torch.Tensor, camera,
-              threshold_mm: float) -> list[dict[str, Any]]:
-    """One row per case of a registration result (see docs/benchmark.md for the columns)."""
+              threshold_mm: float, landmarks: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """One row per case of a registration result (see docs/benchmark.md for the columns).
+
+    With ``landmarks`` ``(L, 3)`` (volume frame, mm) the rows also hold the mTRE over them,
+    initial and final, and the final mean reprojection distance on the detector plane, mm.
+    """
     final = result.final_poses.to(gt)
     failed = torch.tensor([r.status == "failed" for r in result.records])
     nan = torch.full_like(failed, math.nan, dtype=torch.float64)
@@ -169,6 +176,15 @@ def case_rows(method: str, batch_cases: torch.Tensor, volume_index: int, gt: tor
                     measure(mtre, final, points.double()),
                     measure(mean_projection_distance, final, points.double(), camera)]
     final_errors = [torch.where(failed, nan, e) for e in final_errors]
+    scores = {}
+    if landmarks is not None:
+        marks = landmarks.double()
+        scores = {
+            "initial_landmark_mtre_mm": measure(mtre, initial, marks),
+            "final_landmark_mtre_mm": torch.where(failed, nan, measure(mtre, final, marks)),
+            "final_landmark_mrpd_mm": torch.where(
+                failed, nan, measure(mean_projection_distance, final, marks, camera)),
+        }
     rows = []
     for i, record in enumerate(result.records):
         final_mtre = float(final_errors[2][i])
@@ -188,6 +204,7 @@ def case_rows(method: str, batch_cases: torch.Tensor, volume_index: int, gt: tor
             "seconds": float(record.wall_time),
             "status": record.status,
             "success": bool(final_mtre < threshold_mm),
+            **{key: float(values[i]) for key, values in scores.items()},
         })
     return rows
 
@@ -206,8 +223,10 @@ class BenchmarkLoop:
         self.bench_folder: Path | None = None
         if self.trainer.global_rank == 0:
             self.bench_folder = new_run_dir(self.bench.output_dir, self.bench.run_name, what)
+        datamodule = self.trainer.datamodule
+        for camera in datamodule.xray_cameras():
+            check_fitted_camera(self.camera, camera)
         if self.bench.target_config.volume == "fine":
-            datamodule = self.trainer.datamodule
             self.volumes.keep_fine(datamodule.full_resolution_cts(datamodule.split["test"]))
         if any("net" in [s.similarity for s in sch.stages] for sch in self.bench_schedules.values()):
             if self.trainer.ckpt_path is None:
@@ -219,23 +238,37 @@ class BenchmarkLoop:
         with torch.inference_mode(False), torch.enable_grad():
             batch = {k: v.clone() for k, v in batch.items()}
             for view, sel in self.volumes.groups(batch["volume_index"]):
+                real = {key: batch[key][sel] for key in ("target", "target_mask", "landmarks")
+                        if key in batch}
                 self._benchmark_group(view, int(batch["volume_index"][sel][0]),
                                       batch["gt_pose"][sel], batch["initial_pose"][sel],
-                                      batch["case"][sel])
+                                      batch["case"][sel], **real)
         last = list(self.bench_schedules)[-1]
         done = [r["success"] for r in self.bench_rows if r["method"] == last]
         self.log(f"test/{last}/success_running", sum(done) / max(len(done), 1), prog_bar=True,
                  batch_size=len(batch["case"]))
 
-    def _benchmark_group(self, view, volume_index, gt, initial, cases) -> None:
-        target = render_targets(self.bench.target_config, self.net.projector, view, gt, cases,
-                                self.trainer.datamodule.seed)
+    def _benchmark_group(self, view, volume_index, gt, initial, cases, target=None,
+                         target_mask=None, landmarks=None) -> None:
+        """Register one volume's cases by every method: against the batch's real ``target``
+        ``(B, 1, h, w)`` (pixels weighted by ``target_mask``) when it has one, else against
+        targets rendered at ``gt``. ``landmarks`` ``(B, L, 3)``, shared by the volume's cases,
+        add landmark scores over their finite rows."""
+        if target is None:
+            target = render_targets(self.bench.target_config, self.net.projector, view, gt,
+                                    cases, self.trainer.datamodule.seed)
+        mask = None if target_mask is None else target_mask.to(target.dtype)
+        marks = None
+        if landmarks is not None:
+            marks = landmarks[0][torch.isfinite(landmarks[0]).all(dim=-1)]
+            marks = marks if len(marks) else None
         for method, schedule in self.bench_schedules.items():
             result = register(target, initial, schedule, projector=self.net.projector,
-                              spacing=view.spacing, ct=view.ct, bone=view.bone, net=self.net)
+                              spacing=view.spacing, ct=view.ct, bone=view.bone, net=self.net,
+                              mask=mask)
             self.bench_rows += case_rows(method, cases, volume_index, gt, initial, result,
                                          view.points, self.camera,
-                                         self.hparams.success_threshold_mm)
+                                         self.hparams.success_threshold_mm, marks)
             for i, record in enumerate(result.records):
                 self.bench_outcomes.append(CaseOutcome(
                     int(cases[i]), method, target[i, 0].cpu(), record.poses.cpu(),

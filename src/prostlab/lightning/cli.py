@@ -66,12 +66,15 @@ class _ProstlabCLI(LightningCLI):
       describes) and instead requires the checkpoint's camera and network to be the config's.
     - ``--ckpt_path`` that is not a readable checkpoint, ``best`` (no best checkpoint is known
       before a run) and ``last`` without a ``last.ckpt`` are refused in one line.
+    - ``data.camera`` is ``model.camera``, linked: real X-rays are fitted to the model's detector.
     """
 
     _configured_model = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        # Real X-rays (DeepFluoro) are fitted to the model's detector.
+        parser.link_arguments("model.camera", "data.camera")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
