@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from deepfluoro_synthetic import BORDER_PX, I0, SPECIMEN, write_synthetic
 from fit_run import fit
@@ -280,3 +281,17 @@ def test_prostlab_fit_trains_on_the_specimens_ct(synthetic, tmp_path):
     prepared = list((tmp_path / "cache" / "prepared").glob("deepfluoro-1-*/meta.json"))
     assert len(prepared) == 1 and '"ids": [\n      1,\n      2,\n      4,\n      7\n' in (
         prepared[0].read_text())
+
+
+def test_shipped_config_fits_the_documented_detector():
+    """configs/deepfluoro.yaml's camera is the real file's detector (1536 px of 0.194 mm,
+    K = [[-5257.73, 0, 767.5], ...]) binned 12 x 12."""
+    config = yaml.safe_load((REPO / "configs" / "deepfluoro.yaml").read_text())
+    focal = 1020.0 / 0.194
+    geometry = df.Geometry(np.array([[-focal, 0, 767.5], [0, -focal, 767.5], [0, 0, 1]]),
+                           np.eye(4), 1536, 1536, (0.194, 0.194))
+    model = Camera.from_dict(config["model"]["camera"])
+    for flag in (False, True):
+        full = df.detector_camera(geometry, df.camera_signs(geometry.intrinsic, flag), model.sid)
+        df.check_fitted_camera(model, df.fitted_camera(full, model))
+    assert config["data"]["bones"] == "pelvis" and config["data"]["test_samples"] is None
