@@ -1,4 +1,5 @@
-"""The ``prostlab`` command: ``prepare`` a CT, ``render`` DRRs, ``fit`` the similarity network.
+"""The ``prostlab`` command: ``prepare`` a CT, ``render`` DRRs, ``register`` an X-ray, ``fit``
+the similarity network, ``test`` registration methods.
 
 Bad input (a ``ProstlabError``, a missing file) is printed on one line, and the command exits
 with status 2, without a traceback.
@@ -92,6 +93,68 @@ def _render_into(out: Path, args: argparse.Namespace) -> None:
         f"wrote {len(images)} DRR(s) of {camera.height}x{camera.width} to {out}/ "
         f"(drr_*.png, {np_path.name}: array {tuple(images.shape)})"
     )
+
+
+def _register(args: argparse.Namespace) -> None:
+    from prostlab.outputs import output_folder, remove_stale
+    from prostlab.registration.search import SearchSpace
+    from prostlab.xray.register import RegisterSettings, prepare_problem, run, write_outputs
+
+    camera = {k: getattr(args, k) for k in ("sdd", "sid") if getattr(args, k) is not None}
+    if args.pixel_spacing is not None:
+        camera["pixel_spacing"] = tuple(args.pixel_spacing)
+    settings = RegisterSettings(
+        xray=Path(args.xray), ct=Path(args.ct), out=Path(args.out),
+        labels=None if args.labels is None else Path(args.labels), bones=args.bones,
+        init=args.init, init_view=args.init_view, search=args.search,
+        search_space=SearchSpace(rotation_deg=args.search_rotation_deg,
+                                 depth_mm=args.search_depth_mm, shift_mm=args.search_shift_mm),
+        method=args.method, ckpt_path=None if args.ckpt_path is None else Path(args.ckpt_path),
+        config=None if args.config is None else Path(args.config),
+        detector=None if args.detector is None else tuple(args.detector), step=args.step,
+        downsample=args.downsample, camera=camera, i0=args.i0, backend=args.backend,
+        device=args.device, overwrite=args.overwrite,
+    )
+    with output_folder(args.out, args.overwrite) as out:
+        problem = prepare_problem(settings)
+        for note in problem.notes:
+            print(f"  {note}")
+        with _progress_bars() as progress:
+            registration = run(problem, settings.search_space, settings.search, progress)
+        written = write_outputs(out, problem, registration, settings)
+        if args.overwrite:
+            remove_stale(out, ["pose.json", "trajectory.csv", "overlay.png", "registration.gif",
+                               "xray.png", "drr.png"], keep=written)
+    pose = registration.final
+    angles = ", ".join(f"{float(a):.2f}" for a in pose[:3].rad2deg())
+    shift = ", ".join(f"{float(t):.1f}" for t in pose[3:])
+    print(f"registered {args.xray} to {args.ct} ({args.method}, "
+          f"{registration.result.records[0].n_iterations} iterations): rotation ({angles}) deg, "
+          f"translation ({shift}) mm")
+    for name, value in registration.similarities.items():
+        print(f"  {name}: {value:.4f}")
+    print(f"wrote {', '.join(p.name for p in written)} to {out}/")
+
+
+def _progress_bars():
+    """A rich progress display and a ``progress(phase, done, total)`` callback for it."""
+    import contextlib
+
+    from rich.progress import Progress
+
+    @contextlib.contextmanager
+    def bars():
+        with Progress(transient=True) as display:
+            tasks: dict[str, int] = {}
+
+            def update(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = display.add_task(phase, total=total)
+                display.update(tasks[phase], completed=done)
+
+            yield update
+
+    return bars()
 
 
 LIGHTNING_HELP = {
@@ -202,7 +265,64 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="write into a non-empty --out (replacing)"
     )
     ren.set_defaults(run=_render)
+    _register_parser(sub)
     return parser
+
+
+def _register_parser(sub) -> None:
+    reg = sub.add_parser(
+        "register", help="register one X-ray (DICOM or image) to a CT -> pose.json, overlays",
+        description="Register one X-ray to a CT: the X-ray is turned into line integrals and "
+        "fitted to the detector, the CT prepared (or a prepared folder used), the registration "
+        "started from --init, --init-view or the AP view (with --search: the best starts of a "
+        "coarse scan around it). See docs/xray.md.",
+    )
+    reg.add_argument("--xray", required=True,
+                     help="the X-ray: DICOM (DX, CR, XA, RF), PNG, TIFF, NIfTI or .npy")
+    reg.add_argument("--ct", required=True,
+                     help="a `prostlab prepare` folder, or a CT in HU (NIfTI or DICOM series)")
+    reg.add_argument("--labels", help="label map of a raw --ct (the network needs the bones)")
+    reg.add_argument("--bones", default="bones", help="bone selection when preparing --ct")
+    start = reg.add_mutually_exclusive_group()
+    start.add_argument("--init", type=float, nargs=6,
+                       metavar=("RX_DEG", "RY_DEG", "RZ_DEG", "TX_MM", "TY_MM", "TZ_MM"),
+                       help="start pose: rotation vector in degrees, translation in mm")
+    start.add_argument("--init-view", choices=("ap", "pa", "lateral", "right-lateral"),
+                       help="start from a named view of the prepared (LIP) CT (default ap)")
+    reg.add_argument("--search", action="store_true",
+                     help="scan poses around the start at low resolution; the best go to the "
+                     "registration as starts")
+    reg.add_argument("--search-rotation-deg", type=float, default=30.0,
+                     help="--search: half-range of each rotation component, deg (default 30)")
+    reg.add_argument("--search-depth-mm", type=float, default=100.0,
+                     help="--search: half-range along the beam, mm (default 100)")
+    reg.add_argument("--search-shift-mm", type=float, default=100.0,
+                     help="--search: largest in-plane shift, mm (default 100)")
+    reg.add_argument("--method", default="mncc",
+                     help="registration preset or schedule YAML (default mncc; net methods "
+                     "need --ckpt_path)")
+    reg.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path",
+                     help="checkpoint of the similarity network (prostlab fit)")
+    reg.add_argument("--config", type=_config_arg,
+                     help="a config (file or shipped name) whose model.camera size, model.step "
+                     "and data.downsample are the defaults")
+    reg.add_argument("--detector", type=int, nargs=2, metavar=("ROWS", "COLUMNS"),
+                     help="detector the X-ray is binned and cropped to (default: the "
+                     "checkpoint's, the config's, or 128 128)")
+    reg.add_argument("--step", type=float, help="sample step along rays, mm")
+    reg.add_argument("--downsample", type=int, help="average-pool the prepared CT by this factor")
+    reg.add_argument("--sdd", type=float, help="source-to-detector distance, mm (replaces the "
+                     "DICOM tag; required for images without one)")
+    reg.add_argument("--sid", type=float, help="source-to-isocentre (patient) distance, mm")
+    reg.add_argument("--pixel-spacing", type=float, nargs=2, metavar=("ROW_MM", "COLUMN_MM"),
+                     help="the X-ray's pixel size at the detector, mm")
+    reg.add_argument("--i0", type=float, help="unattenuated intensity (default: estimated)")
+    reg.add_argument("--backend", default="auto", choices=("auto", "torch", "cupy", "cpu"))
+    reg.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    reg.add_argument("--out", required=True, help="output folder")
+    reg.add_argument("--overwrite", action="store_true",
+                     help="write into a non-empty --out (replacing)")
+    reg.set_defaults(run=_register)
 
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")

@@ -1,0 +1,471 @@
+"""``prostlab register``: one X-ray, one CT, one pose.
+
+The job, in order; every input is read and checked before anything is written:
+
+1. **Settings.** The detector the X-ray is fitted to, the sampling step and the volume's pooling
+   come from the flags, else the checkpoint (the camera and step it was trained with), else the
+   config (``model.camera``, ``model.step``, ``data.downsample``), else 128 x 128, 1.75 mm, 1.
+2. **The X-ray** (:func:`prostlab.xray.load_xray`): DICOM with its own camera, or an image with
+   the camera from the flags; turned into line integrals, masked, binned and cropped to the
+   detector, the camera updated to match.
+3. **The CT**: a ``prostlab prepare`` folder, or a CT (and labels) prepared into ``OUT/prepared``
+   (the frame the pose refers to); average-pooled by ``downsample``.
+4. **The network**, for methods with a ``net`` stage: the checkpoint's weights in a network whose
+   projector has the X-ray's camera.
+5. **The start**: ``--init`` (degrees and mm), a named view (:data:`VIEWS`), or the AP view; with
+   ``--search`` a coarse multi-start around it (:func:`~prostlab.registration.search.
+   coarse_search`) whose best starts all go to the engine.
+6. **Registration** with the method's schedule (:func:`~prostlab.registration.register`).
+7. **Outputs** into ``OUT``: ``pose.json``, ``trajectory.csv``, ``overlay.png``,
+   ``registration.gif``, ``xray.png`` and ``drr.png`` (:func:`write_outputs`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from prostlab.data.prepare import PreparedCT, load_prepared, prepare_ct
+from prostlab.errors import ProstlabError
+from prostlab.geometry import Camera, pose_to_euler, pose_to_matrix
+from prostlab.projector import Projector
+from prostlab.registration import Schedule, as_schedule, register
+from prostlab.registration.search import SearchSpace, coarse_search
+from prostlab.similarity.objective import make_objective
+
+EULER_CONVENTION = "xyz"
+"""The Euler angles of ``pose.json``: extrinsic rotations about the fixed x, y, z axes, in that
+order (scipy's lower-case convention; ``docs/geometry.md``)."""
+
+VIEWS: dict[str, tuple[float, float, float]] = {
+    "ap": (0.0, 0.0, 0.0),
+    "pa": (0.0, 180.0, 0.0),
+    "lateral": (0.0, -90.0, 0.0),
+    "right-lateral": (0.0, 90.0, 0.0),
+}
+"""Named starting views of a LIP volume (``prostlab prepare``'s), as rotation vectors in degrees.
+The identity is AP (the beam runs from anterior to posterior); ``pa`` turns the volume 180 deg
+about its head-feet axis; ``lateral`` is a left lateral (the beam runs from the patient's right to
+the left, the detector on the left), ``right-lateral`` the mirror view. Every view puts the
+volume's centre at the isocentre."""
+
+DEFAULT_DETECTOR = (128, 128)
+DEFAULT_STEP_MM = 1.75
+
+
+@dataclass
+class RegisterSettings:
+    """What ``prostlab register`` was asked to do (the CLI's flags).
+
+    Attributes:
+        xray: the X-ray file.
+        ct: a ``prostlab prepare`` folder, or a CT (NIfTI or DICOM series) in HU.
+        out: the output folder (new, or empty, or ``overwrite``).
+        labels: the CT's label map, when ``ct`` is a raw CT (needed by the network).
+        bones: the bone selection when preparing (see ``prostlab prepare --bones``).
+        init: a start ``(rx, ry, rz, tx, ty, tz)``: rotation vector in degrees, mm.
+        init_view: a named view of :data:`VIEWS`.
+        search: scan around the start first (:mod:`prostlab.registration.search`).
+        search_space: the search's grid and levels.
+        method: a registration preset name or schedule YAML (``configs/registration``).
+        ckpt_path: the network's checkpoint, for methods with a ``net`` stage.
+        config: a prostlab config whose ``model`` and ``data`` sections give defaults.
+        detector: ``(rows, columns)`` the X-ray is fitted to.
+        step: sampling step along the rays, mm.
+        downsample: average-pool the prepared CT by this factor.
+        camera: camera values that replace or complete the X-ray's own (``sdd``, ``sid``,
+            ``pixel_spacing``, ...).
+        i0: the unattenuated intensity; None: estimated.
+        backend: the projector backend.
+        device: the torch device.
+        overwrite: write into a non-empty ``out``.
+    """
+
+    xray: Path
+    ct: Path
+    out: Path
+    labels: Path | None = None
+    bones: str = "bones"
+    init: Sequence[float] | None = None
+    init_view: str | None = None
+    search: bool = False
+    search_space: SearchSpace = field(default_factory=SearchSpace)
+    method: str = "mncc"
+    ckpt_path: Path | None = None
+    config: Path | None = None
+    detector: tuple[int, int] | None = None
+    step: float | None = None
+    downsample: int | None = None
+    camera: dict[str, Any] = field(default_factory=dict)
+    i0: float | None = None
+    backend: str = "auto"
+    device: str = "cpu"
+    overwrite: bool = False
+
+
+@dataclass
+class Problem:
+    """Everything registration needs, read and checked (steps 1-5 of the module doc)."""
+
+    xray: Any  # prostlab.xray.XRay
+    prepared: PreparedCT
+    ct: Tensor  # (1, 1, D, H, W) on the device
+    bone: Tensor | None
+    spacing: tuple[float, float, float]
+    projector: Projector
+    schedule: Schedule
+    net: Any
+    start: Tensor  # (1, 6) float64
+    notes: list[str]
+
+
+# ------------------------------------------------------------------------------------ settings
+
+
+def _config_defaults(path: Path | None) -> dict[str, Any]:
+    """``model.camera`` (height, width), ``model.step`` and ``data.downsample`` of a config."""
+    if path is None:
+        return {}
+    from omegaconf import OmegaConf
+
+    try:
+        config = OmegaConf.load(path)
+    except OSError as exc:
+        raise ProstlabError(f"{path}: cannot read the config ({exc.strerror})") from exc
+    except Exception as exc:  # noqa: BLE001 - any YAML parse error
+        raise ProstlabError(f"{path}: not valid YAML ({exc})") from exc
+    found = {}
+    for key, name in (("model.camera.height", "height"), ("model.camera.width", "width"),
+                      ("model.step", "step"), ("data.downsample", "downsample"),
+                      ("data.bones", "bones")):
+        value = OmegaConf.select(config, key)
+        if value is not None:
+            found[name] = value
+    return found
+
+
+def _checkpoint(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    from prostlab.lightning.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    if "camera" not in checkpoint.get("hyper_parameters", {}):
+        raise ProstlabError(f"{path}: no camera in its hyper_parameters; expected a checkpoint "
+                            "written by `prostlab fit`")
+    return checkpoint
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+# -------------------------------------------------------------------------------------- inputs
+
+
+def start_pose(init: Sequence[float] | None, view: str | None) -> Tensor:
+    """The ``(1, 6)`` float64 start: ``init`` (degrees, mm), a named view, or the AP view."""
+    if init is not None and view is not None:
+        raise ProstlabError("--init and --init-view: expected one of them, got both")
+    if init is not None:
+        values = [float(v) for v in init]
+        if len(values) != 6 or not all(math.isfinite(v) for v in values):
+            raise ProstlabError(f"--init: expected six finite numbers RX RY RZ (deg) TX TY TZ "
+                                f"(mm), got {list(init)}")
+        rotation = torch.deg2rad(torch.tensor(values[:3], dtype=torch.float64))
+        return torch.cat((rotation, torch.tensor(values[3:], dtype=torch.float64)))[None]
+    view = view or "ap"
+    if view not in VIEWS:
+        raise ProstlabError(f"--init-view: expected one of {sorted(VIEWS)}, got {view!r}")
+    rotation = torch.deg2rad(torch.tensor(VIEWS[view], dtype=torch.float64))
+    return torch.cat((rotation, torch.zeros(3, dtype=torch.float64)))[None]
+
+
+def _prepared(settings: RegisterSettings, size: int = 128) -> PreparedCT:
+    """The prepared CT: ``settings.ct`` itself, or the CT prepared into ``OUT/prepared``."""
+    ct = Path(settings.ct)
+    if ct.is_dir() and (ct / "meta.json").is_file():
+        if settings.labels is not None:
+            raise ProstlabError(f"--labels: {ct} is a prepared folder, which carries its own "
+                                "segmentation; expected --labels only with a raw CT")
+        return load_prepared(ct)
+    if not ct.exists():
+        raise ProstlabError(f"--ct {ct}: no such file or folder; expected a `prostlab prepare` "
+                            "folder, a NIfTI CT or a DICOM series folder")
+    if settings.labels is not None and not Path(settings.labels).exists():
+        raise ProstlabError(f"--labels {settings.labels}: no such file or folder")
+    folder = Path(settings.out) / "prepared"
+    prepare_ct(ct, settings.labels, folder, size=size, bones=settings.bones,
+               overwrite=settings.overwrite)
+    return load_prepared(folder)
+
+
+def _network(checkpoint: Mapping[str, Any], path: Path, camera: Camera, step: float,
+             backend: str, device: str):
+    """The checkpoint's network, rendering on the X-ray's ``camera``."""
+    from prostlab.similarity import ConvexSimilarityNet
+
+    saved = checkpoint["hyper_parameters"]
+    net = ConvexSimilarityNet(Projector(camera, step=step, backend=backend), **(saved.get("net")
+                                                                                or {}))
+    weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()
+               if k.startswith("net.")}
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise ProstlabError(f"{path}: its weights do not fit its own model.net ({first})") from exc
+    return net.to(device).eval()
+
+
+def prepare_problem(settings: RegisterSettings) -> Problem:
+    """Steps 1-5 of the module doc: read and check every input. Writes only ``OUT/prepared``
+    (when ``settings.ct`` is a raw CT), and only after the X-ray, the method and the checkpoint
+    have been read."""
+    from prostlab.xray import load_xray
+
+    schedule = as_schedule(settings.method)
+    uses_net = any(stage.similarity == "net" for stage in schedule.stages)
+    if uses_net and settings.ckpt_path is None:
+        raise ProstlabError(f"--method {settings.method}: has a 'net' stage, which needs the "
+                            "trained network; expected --ckpt_path")
+    checkpoint = _checkpoint(settings.ckpt_path)
+    saved = (checkpoint or {}).get("hyper_parameters", {})
+    defaults = _config_defaults(settings.config)
+    trained = Camera.from_dict(saved["camera"]) if checkpoint else None
+    detector = _first(settings.detector,
+                      trained and (trained.height, trained.width),
+                      ("height" in defaults and (defaults["height"], defaults["width"])) or None,
+                      DEFAULT_DETECTOR)
+    step = float(_first(settings.step, saved.get("step"), defaults.get("step"), DEFAULT_STEP_MM))
+    downsample = int(_first(settings.downsample, defaults.get("downsample"), 1))
+    if downsample < 1:
+        raise ProstlabError(f"--downsample: expected a positive integer, got {downsample}")
+    if settings.labels is None and "bones" in defaults:
+        settings.bones = defaults["bones"]
+
+    xray = load_xray(settings.xray, detector=tuple(detector), camera=settings.camera or None,
+                     i0=settings.i0)
+    notes = list(xray.steps)
+    if trained is not None:
+        ratio = xray.camera.pixel_spacing[1] / xray.camera.magnification / (
+            trained.pixel_spacing[1] / trained.magnification)
+        if not 0.8 <= ratio <= 1.25:
+            notes.append(f"warning: the network was trained at {trained.pixel_spacing[1]:.3g} mm "
+                         f"pixels (magnification {trained.magnification:.3g}); this X-ray has "
+                         f"{xray.camera.pixel_spacing[1]:.3g} mm ({xray.camera.magnification:.3g}"
+                         "): expect a weaker network stage")
+    start = start_pose(settings.init, settings.init_view)
+
+    prepared = _prepared(settings)
+    ct_volume = prepared.ct.downsampled(downsample) if downsample > 1 else prepared.ct
+    bone_volume = prepared.bone
+    if bone_volume is not None and downsample > 1:
+        bone_volume = bone_volume.downsampled(downsample)
+    if uses_net and bone_volume is None:
+        raise ProstlabError(f"--ct {settings.ct}: has no segmented bones, which the network "
+                            "renders; expected a prepared folder with bone_mu.nii.gz or --labels")
+    device = torch.device(settings.device)
+    projector = Projector(xray.camera, step=step, backend=settings.backend)
+    net = None
+    if uses_net:
+        net = _network(checkpoint, settings.ckpt_path, xray.camera, step, settings.backend,
+                       settings.device)
+    return Problem(
+        xray=xray,
+        prepared=prepared,
+        ct=ct_volume.batched().to(device),
+        bone=None if bone_volume is None else bone_volume.batched().to(device),
+        spacing=tuple(float(s) for s in ct_volume.spacing),
+        projector=projector,
+        schedule=schedule,
+        net=net,
+        start=start,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------------- registering
+
+
+@dataclass
+class Registration:
+    """The outcome of :func:`run`.
+
+    Attributes:
+        starts: ``(S, 6)`` the poses the engine started from.
+        result: the engine's :class:`~prostlab.registration.RegistrationResult` (one target).
+        final: ``(6,)`` float64, the registered pose.
+        similarities: name -> value of the final whole-CT DRR against the X-ray (NCC,
+            gradient-NCC and multiscale NCC, higher is better), and the method's own final
+            objective value (lower is better).
+    """
+
+    starts: Tensor
+    result: Any
+    final: Tensor
+    similarities: dict[str, float]
+
+
+def _target(problem: Problem) -> tuple[Tensor, Tensor]:
+    device = problem.ct.device
+    image = torch.as_tensor(problem.xray.image, dtype=torch.float32, device=device)
+    mask = torch.as_tensor(problem.xray.mask, device=device).to(torch.float32)
+    return image[None, None], mask[None, None]
+
+
+def run(problem: Problem, search_space: SearchSpace | None = None, search: bool = False,
+        progress: Callable[[str, int, int], None] | None = None) -> Registration:
+    """Search (optionally) and register; ``progress(phase, done, total)`` reports both."""
+    target, mask = _target(problem)
+    starts = problem.start
+    if search:
+        space = search_space or SearchSpace()
+        total = len(space.grid())
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            if progress is not None:
+                progress("search", done[0], total)
+
+        rescore = make_objective(problem.schedule.stages[0].similarity, projector=problem.projector,
+                                 ct=problem.ct, bone=problem.bone, spacing=problem.spacing,
+                                 target=target, net=problem.net, mask=mask,
+                                 moving=problem.schedule.stages[0].moving)
+        found = coarse_search(target, starts, problem.projector, problem.ct, problem.spacing,
+                              rescore, mask=mask, space=space, progress=advance)
+        starts = found.starts
+    total = problem.schedule.max_total_iterations
+    result = register(
+        target, starts.to(target.device, torch.float32)[None], problem.schedule,
+        projector=problem.projector, spacing=problem.spacing, ct=problem.ct, bone=problem.bone,
+        net=problem.net, mask=mask,
+        progress=None if progress is None else (lambda i, _: progress("register", i, total)),
+    )
+    record = result.records[0]
+    if record.status == "failed":
+        raise ProstlabError(f"registration failed: {record.message}")
+    final = record.final_pose.detach().to(torch.float64).cpu()
+    return Registration(starts.cpu(), result, final, _similarities(problem, final, target, mask,
+                                                                    record.final_value))
+
+
+def _similarities(problem: Problem, pose: Tensor, target: Tensor, mask: Tensor,
+                  objective: float) -> dict[str, float]:
+    from prostlab.similarity import gradient_ncc, multiscale_ncc, ncc
+
+    with torch.no_grad():
+        drr = problem.projector(problem.ct, problem.spacing, pose[None].to(target))
+        values = {
+            "ncc": float(ncc(drr, target, mask)[0]),
+            "gradient_ncc": float(gradient_ncc(drr, target, mask)[0]),
+            "multiscale_ncc": float(multiscale_ncc(drr, target, mask)[0]),
+        }
+    values[f"objective ({problem.schedule.stages[-1].similarity}, lower is better)"] = objective
+    return values
+
+
+# ------------------------------------------------------------------------------------- outputs
+
+
+def _matrix(pose: Tensor) -> Tensor:
+    return pose_to_matrix(pose[None].to(torch.float64))[0]
+
+
+def pose_report(pose: Tensor, camera: Camera, prepared: PreparedCT) -> dict[str, Any]:
+    """``pose.json``'s geometry: the pose and the 4 x 4 maps between the frames.
+
+    ``camera_from_volume = [R | t + sid e_z]`` (``docs/geometry.md``). With the prepared CT's
+    voxel-to-world affine ``A`` (RAS, mm), ``world_from_volume = A [[diag(1/s), c], [0, 1]]`` for
+    the voxel size ``s`` and the grid's centre ``c = (N - 1) / 2``, and ``camera_from_world =
+    camera_from_volume world_from_volume^-1``.
+    """
+    isocentre_from_volume = _matrix(pose)
+    camera_from_volume = isocentre_from_volume.clone()
+    camera_from_volume[2, 3] += camera.sid
+    angles, translation = pose_to_euler(pose[None].to(torch.float64), EULER_CONVENTION)
+    report: dict[str, Any] = {
+        "pose": {"rotation_vector_rad": pose[:3].tolist(), "translation_mm": pose[3:].tolist()},
+        "euler_deg": {"convention": f"{EULER_CONVENTION} (extrinsic, scipy's lower case)",
+                      "angles": torch.rad2deg(angles[0]).tolist()},
+        "camera_from_volume": camera_from_volume.tolist(),
+        "volume_from_camera": torch.linalg.inv(camera_from_volume).tolist(),
+        "isocentre_from_volume": isocentre_from_volume.tolist(),
+        "camera": camera.to_dict(),
+        "intrinsics": camera.intrinsics.tolist(),
+        "volume": {"prepared": str(prepared.directory), "orientation": "LIP",
+                   "spacing_mm": [float(s) for s in prepared.ct.spacing],
+                   "shape": list(prepared.ct.shape[1:])},
+        "frames": "docs/geometry.md: volume = the prepared cube's centred index frame (mm); "
+                  "camera = source at the origin, x along columns, y along rows, z along the "
+                  "beam; world = the CT's RAS frame (mm)",
+    }
+    affine = prepared.meta.get("affine")
+    if affine is not None:
+        shape = torch.tensor(prepared.ct.shape[1:], dtype=torch.float64)
+        spacing = torch.tensor([float(s) for s in prepared.ct.spacing], dtype=torch.float64)
+        index_from_volume = torch.eye(4, dtype=torch.float64)
+        index_from_volume[:3, :3] = torch.diag(1.0 / spacing)
+        index_from_volume[:3, 3] = (shape - 1) / 2
+        world_from_volume = torch.tensor(affine, dtype=torch.float64) @ index_from_volume
+        report["world_from_volume"] = world_from_volume.tolist()
+        report["camera_from_world"] = (camera_from_volume
+                                       @ torch.linalg.inv(world_from_volume)).tolist()
+    return report
+
+
+def write_outputs(out: Path, problem: Problem, registration: Registration,
+                  settings: RegisterSettings, max_frames: int = 60) -> list[Path]:
+    """Write ``pose.json``, ``trajectory.csv``, ``overlay.png``, ``registration.gif``,
+    ``xray.png`` and ``drr.png`` into ``out`` (each under a temporary name, then renamed)."""
+    from prostlab.csv_table import write_csv
+    from prostlab.outputs import write_text
+    from prostlab.viz.images import save_drr_png
+    from prostlab.viz.report import save_overlays, save_registration_gif
+
+    record = registration.result.records[0]
+    target, _ = _target(problem)
+    initial = registration.starts[record.start].to(torch.float64)
+    picked = torch.linspace(0, len(record.poses) - 1, min(max_frames, len(record.poses)))
+    frames_at = picked.round().long().unique()
+    with torch.no_grad():
+        poses = torch.cat((initial[None], registration.final[None],
+                           record.poses[frames_at].to(torch.float64))).to(target)
+        drrs = problem.projector(problem.ct, problem.spacing, poses)[:, 0].cpu()
+    image = target[0, 0].cpu()
+
+    report = {
+        "xray": str(settings.xray),
+        "ct": str(settings.ct),
+        "method": settings.method,
+        "status": record.status,
+        "iterations": record.n_iterations,
+        "start": {"searched": settings.search, "starts": len(registration.starts),
+                  "pose": {"rotation_vector_rad": initial[:3].tolist(),
+                           "translation_mm": initial[3:].tolist()}},
+        "similarity": registration.similarities,
+        "preprocessing": problem.notes,
+        **pose_report(registration.final, problem.projector.camera, problem.prepared),
+    }
+    written = [write_text(out / "pose.json", json.dumps(report, indent=2) + "\n")]
+    rows = [{"iteration": i, "stage": int(record.stages[i]), "value": float(record.values[i]),
+             **{name: float(record.poses[i, k]) for k, name in
+                enumerate(("rx_rad", "ry_rad", "rz_rad", "tx_mm", "ty_mm", "tz_mm"))}}
+            for i in range(record.n_iterations)]
+    written.append(write_csv(out / "trajectory.csv", rows))
+    written.append(save_overlays([{"title": Path(settings.xray).name, "target": image,
+                                   "initial": drrs[0], "final": drrs[1]}], out / "overlay.png"))
+    titles = [f"it {int(i)}  value {float(record.values[i]):.4f}" for i in frames_at]
+    written.append(save_registration_gif(drrs[2:], image, out / "registration.gif",
+                                         titles=titles))
+    written.append(save_drr_png(out / "xray.png", image.numpy()))
+    written.append(save_drr_png(out / "drr.png", drrs[1].numpy()))
+    return written
