@@ -180,32 +180,40 @@ def log_line_integrals(
 def field_mask(
     values: np.ndarray,
     *,
-    tolerance: float = 0.05,
-    dark: float = 0.25,
+    relationship: str = "lin",
+    tolerance: float = 0.1,
     margin: int = 2,
     name: str = "image",
 ) -> np.ndarray:
     """The usable field: the image less its collimated and blank border rows and columns.
 
-    Let ``lo`` and ``hi`` be the 0.5th and 99.5th percentiles of ``values`` and
-    ``r = hi - lo``. A row or column at the current edge of the field is *border* when, over
-    the field's current span,
+    The test runs on log intensities ``L``: ``log(max(I, INTENSITY_FLOOR max I))`` for a
+    linear image, the values themselves for a log one. On that scale a collimator's shadow is
+    flat (its noise is small against the image's range) while a row through the patient is not,
+    even where the patient is dense: in linear units, dense tissue looks as flat as a blade.
+    Let ``lo`` and ``hi`` be the 0.5th and 99.5th percentiles of ``L`` and ``r = hi - lo``. A
+    row or column at the current edge of the field is *border* when, over the field's current
+    span,
 
     - it is constant (its largest and smallest value are equal): zero padding, a fill, a
       saturated band; or
-    - it is flat, ``P95 - P5 <= tolerance * r``, and dark, ``median <= lo + dark * r``: the
-      shadow of a collimator blade, which lets through only scatter.
+    - it is flat, ``P75 - P25 <= tolerance r``, and not open air, ``median < hi - tolerance r``:
+      the shadow of a collimator blade, which lets through a little primary beam and scatter.
+      The interquartile range is 1.35 noise standard deviations on a flat line, so quantum noise
+      alone does not make a blade's shadow look like anatomy.
+      (Whether a blade's shadow is darker than bone depends on the blade and the scatter, so
+      darkness alone does not tell.)
 
     Border lines are peeled off all four edges, again and again, until none is left (peeling the
     left blade can make the top rows flat). Then ``margin`` more pixels are dropped on each
-    side, for the blade's penumbra. The collimation is assumed rectangular and aligned with the
-    image axes; an open field that is bright and noisy (air) is kept, for the ``I0`` estimate.
+    peeled side, for the blade's penumbra. The collimation is assumed rectangular and aligned
+    with the image axes; air is kept, for the ``I0`` estimate.
 
     Args:
-        values: ``(H, W)`` intensities, or log intensities (only orders and ranges are used).
-        tolerance: the flatness bound, a fraction of the image's range.
-        dark: the darkness bound, a fraction of the image's range above ``lo``.
-        margin: pixels dropped inside the peeled edges.
+        values: ``(H, W)`` values that grow with the beam intensity.
+        relationship: ``"lin"`` (intensities) or ``"log"`` (log intensities, any scale).
+        tolerance: the flatness bound, a fraction of the log image's range.
+        margin: pixels dropped inside each peeled edge.
         name: the image's name for error messages.
 
     Returns:
@@ -214,16 +222,28 @@ def field_mask(
     Raises:
         ProstlabError: nothing is left, e.g. a constant (blank) image.
     """
-    values = _check_image(values, name)
+    values = _check_image(values, name).astype(np.float64)
+    if relationship == "lin":
+        top_value = values.max()
+        if not top_value > 0:
+            raise ProstlabError(
+                f"{name}: no positive intensity (largest value {top_value:g}); expected an "
+                "exposed image"
+            )
+        values = np.log(np.maximum(values, INTENSITY_FLOOR * top_value))
+    elif relationship != "log":
+        raise ProstlabError(f"relationship: expected 'lin' or 'log', got {relationship!r}")
     lo, hi = np.percentile(values, [0.5, 100 - 0.5])
-    spread = hi - lo
+    bound = tolerance * (hi - lo)
     top, bottom, left, right = 0, values.shape[0], 0, values.shape[1]
 
     def border(line: np.ndarray) -> bool:
+        if line.size == 0:
+            return False
         if line.max() == line.min():
             return True
-        p5, median, p95 = np.percentile(line, [5, 50, 95])
-        return p95 - p5 <= tolerance * spread and median <= lo + dark * spread
+        q25, median, q75 = np.percentile(line, [25, 50, 75])
+        return q75 - q25 <= bound and median < hi - bound
 
     changed = True
     while changed and top < bottom and left < right:
