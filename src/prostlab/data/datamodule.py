@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
@@ -130,8 +131,8 @@ class XraySource:
     specimen: str
     ids: tuple[str, ...]
     geometry: deepfluoro.Geometry
-    vol_to_lps: Any
-    landmarks: Any
+    vol_to_lps: np.ndarray
+    landmarks: np.ndarray
     landmark_names: tuple[str, ...]
     i0: float | None
     collimator_px: int
@@ -395,13 +396,13 @@ class PoseDataModule(pl.LightningDataModule):
     def _xray_source(self, index: int) -> XraySource:
         source, cube = self.sources[index], self.prepared[index].ct
         specimen = deepfluoro.specimen_name(source["deepfluoro"], source["specimen"])
-        ct = deepfluoro.read_specimen(source["deepfluoro"], specimen)
+        landmarks = deepfluoro.read_landmarks(source["deepfluoro"], specimen)
         vol_to_lps = deepfluoro.volume_to_lps(cube.affine, cube.shape[1:])
-        names = tuple(ct.landmarks)
-        points = deepfluoro.landmarks_in_volume([ct.landmarks[n] for n in names], vol_to_lps)
+        names = tuple(landmarks)
+        points = deepfluoro.landmarks_in_volume([landmarks[n] for n in names], vol_to_lps)
         return XraySource(
             source["deepfluoro"], specimen, tuple(deepfluoro.projection_ids(source["deepfluoro"], specimen)),
-            deepfluoro.read_geometry(source["deepfluoro"]), vol_to_lps, points.astype("float32"),
+            deepfluoro.read_geometry(source["deepfluoro"]), vol_to_lps, points.astype(np.float32),
             names, source["i0"], source["collimator_px"],
         )
 
@@ -411,10 +412,11 @@ class PoseDataModule(pl.LightningDataModule):
         self.setup()
         cameras = []
         for source in self.xrays.values():
+            model = self._xray_camera()
             for flag in (False, True):
                 signs = deepfluoro.camera_signs(source.geometry.intrinsic, flag)
-                full = deepfluoro.detector_camera(source.geometry, signs, self._xray_camera().sid)
-                cameras.append(deepfluoro.fitted_camera(full, self._xray_camera()))
+                full = deepfluoro.detector_camera(source.geometry, signs, model.sid)
+                cameras.append(deepfluoro.fitted_camera(full, model))
         return list(dict.fromkeys(cameras))
 
     def _xray_camera(self) -> Camera:
@@ -438,7 +440,8 @@ class PoseDataModule(pl.LightningDataModule):
     def dataset(self, split: str, start: int = 0) -> PoseCaseDataset | XrayCaseDataset:
         """The cases of ``split`` ("train", "val" or "test") from case ``start`` on; the real
         X-rays of the test split's DeepFluoro specimens, if it has them."""
-        if split == "test" and self.xrays:
+        if split == "test" and any("deepfluoro" in self.sources[i] for i in self.split["test"]):
+            self.setup()
             return XrayCaseDataset(self.xrays, self.samplers["test"], self.counts["test"],
                                    self.seed, self._xray_camera())
         return PoseCaseDataset(

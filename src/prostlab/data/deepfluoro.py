@@ -93,6 +93,7 @@ __all__ = [
     "pose_to_file",
     "projection_ids",
     "read_geometry",
+    "read_landmarks",
     "read_projection",
     "read_specimen",
     "source_options",
@@ -300,13 +301,26 @@ def read_specimen(path: str | Path, specimen: int | str) -> SpecimenCT:
         if labels.shape != hu.shape or not np.allclose(labels_affine, affine, atol=1e-3):
             raise ProstlabError(f"{path}: {name}/vol-seg/image has shape {labels.shape}; "
                                 f"expected the grid of {name}/vol, {hu.shape}")
-        group = _group(f, f"{name}/vol-landmarks", "a group of 3D landmarks")
-        landmarks = {key: np.asarray(group[key][()], dtype=np.float64).reshape(-1)
-                     for key in sorted(group)}
+        landmarks = _landmarks(f, name)
+    return SpecimenCT(name, hu.astype(np.float32), labels.astype(np.int32), affine, landmarks)
+
+
+def read_landmarks(path: str | Path, specimen: int | str) -> dict[str, np.ndarray]:
+    """A specimen's 3D landmarks, name -> ``(3,)`` LPS mm, names sorted (no CT is read)."""
+    name = specimen_name(path, specimen)
+    with _open(path) as f:
+        return _landmarks(f, name)
+
+
+def _landmarks(f: h5py.File, name: str) -> dict[str, np.ndarray]:
+    group = _group(f, f"{name}/vol-landmarks", "a group of 3D landmarks")
+    landmarks = {key: np.asarray(group[key][()], dtype=np.float64).reshape(-1)
+                 for key in sorted(group)}
     bad = [key for key, p in landmarks.items() if p.shape != (3,) or not np.all(np.isfinite(p))]
     if bad:
-        raise ProstlabError(f"{path}: {name}/vol-landmarks/{bad[0]} is not a finite 3D point")
-    return SpecimenCT(name, hu.astype(np.float32), labels.astype(np.int32), affine, landmarks)
+        raise ProstlabError(f"{f.filename}: {name}/vol-landmarks/{bad[0]} is not a finite 3D "
+                            "point")
+    return landmarks
 
 
 def projection_ids(path: str | Path, specimen: str) -> list[str]:
