@@ -323,22 +323,22 @@ def _missing(raw: RawXRay, key: str) -> str:
 def _checked(values: dict[str, FileValue], key: str) -> Any:
     """A camera value as floats, finite, positive and in its plausible range."""
     item = values[key]
-    low, high = SDD_RANGE_MM if key == "sdd" else (
-        PIXEL_SPACING_RANGE_MM if key == "pixel_spacing" else (0.0, math.inf))
     pair = key == "pixel_spacing"
-    raw_value = item.value
+    low, high = {"sdd": SDD_RANGE_MM, "pixel_spacing": PIXEL_SPACING_RANGE_MM}.get(
+        key, (0.0, math.inf))
+    form = "two numbers (rows, columns) in mm" if pair else "a number in mm"
     try:
-        numbers_ = [float(v) for v in (raw_value if pair else [raw_value])]  # type: ignore[union-attr]
+        items = [float(v) for v in (item.value if pair else [item.value])]  # type: ignore[union-attr]
     except (TypeError, ValueError) as error:
-        raise ProstlabError(f"{item.label} = {raw_value!r}: expected {'two numbers' if pair else 'a number'} in mm") from error
-    if pair and len(numbers_) != 2:
-        raise ProstlabError(f"{item.label} = {raw_value!r}: expected two numbers (rows, columns) in mm")
-    for number in numbers_:
+        raise ProstlabError(f"{item.label} = {item.value!r}: expected {form}") from error
+    if len(items) != (2 if pair else 1):
+        raise ProstlabError(f"{item.label} = {item.value!r}: expected {form}")
+    for number in items:
         if not (math.isfinite(number) and number > 0):
-            raise ProstlabError(f"{item.label} = {raw_value}: expected positive finite mm")
+            raise ProstlabError(f"{item.label} = {item.value}: expected positive finite mm")
         if not low <= number <= high:
             raise ProstlabError(
-                f"{item.label} = {raw_value}: expected {_CAMERA_WORDS[key]} within "
+                f"{item.label} = {item.value}: expected {_CAMERA_WORDS[key]} within "
                 f"[{low:g}, {high:g}] (a wrong unit or a broken header?)"
             )
-    return (numbers_[0], numbers_[1]) if pair else numbers_[0]
+    return tuple(items) if pair else items[0]

@@ -99,7 +99,7 @@ def write_synthetic_dicom(
         collimator_transmission: the fraction of the beam the blades let through, in (0, 1).
         photons: unattenuated photons per pixel; ``None``: no noise.
         seed: of the noise.
-        step: the projector's sampling step, mm; ``None``: half the smallest voxel side.
+        step: the projector's sampling step, mm; ``None``: the smallest voxel side.
 
     Returns:
         :class:`SyntheticXRay`, with the ground-truth pose and camera.
@@ -129,7 +129,7 @@ def write_synthetic_dicom(
     if not 0 < i0 <= top_value:
         raise ProstlabError(f"i0: expected in (0, {top_value:g}] (the stored range), got {i0}")
 
-    step = min(volume.spacing) / 2 if step is None else float(step)
+    step = min(volume.spacing) if step is None else float(step)
     projector = Projector(camera, step=step, backend="torch")
     with torch.no_grad():
         drr = projector(volume.batched()[:, :1], volume.spacing, pose.float())[0, 0].double()
