@@ -1,7 +1,7 @@
 """``prostlab register`` end to end: a synthetic DICOM X-ray of the bundled CT at a known pose.
 
 The X-ray is made the way a detector makes one, not by the registration's own projector setup:
-rendered at half the step, on a detector 4x finer than the registration's (binned on read),
+rendered on a detector 4x finer than the registration's (binned on read),
 ``I = I0 exp(-DRR)`` with Poisson noise, 12-bit MONOCHROME1 with rescale tags, and collimated
 borders (:func:`prostlab.xray.write_synthetic_dicom`). The registration moves the 64^3 average of
 the CT that rendered it.
