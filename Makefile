@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; set TORCH_SPEC=torch to take your platform's default (CUDA) build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench gpu-check heldout clean
+.PHONY: setup demo xray-demo test lint bench gpu-check heldout clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,15 @@ demo: setup
 	$(BIN)/prostlab render --pose 0 0 0 0 0 0 --pose 0 0 90 0 0 0 --pose 20 0 0 0 0 0 \
 		--colorbar --out results/demo/latest/drr
 	@echo "benchmark tables, figures and DRRs: results/demo/latest/ (start with summary.md)"
+
+# prostlab register on a synthetic DICOM X-ray of the bundled CT (docs/xray.md): the truth is
+# rotation (3, -5, 6) deg, translation (8, -12, 15) mm; the registration starts from the AP view
+# with the coarse search. docs/figures/register_overlay.png is its overlay.png.
+xray-demo: setup
+	$(BIN)/python scripts/synthetic_xray.py --pose 3 -5 6 8 -12 15 --out results/xray_demo/chest.dcm
+	$(BIN)/prostlab register --xray results/xray_demo/chest.dcm --ct data/chest_ct_128 \
+		--init-view ap --search --out results/xray_demo/reg --overwrite
+	@echo "pose.json, overlay.png, registration.gif: results/xray_demo/reg/"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -432,14 +432,15 @@ def write_outputs(out: Path, problem: Problem, registration: Registration,
     from prostlab.viz.report import save_overlays, save_registration_gif
 
     record = registration.result.records[0]
-    target, _ = _target(problem)
+    target, mask = _target(problem)
     initial = registration.starts[record.start].to(torch.float64)
     picked = torch.linspace(0, len(record.poses) - 1, min(max_frames, len(record.poses)))
     frames_at = picked.round().long().unique()
     with torch.no_grad():
         poses = torch.cat((initial[None], registration.final[None],
                            record.poses[frames_at].to(torch.float64))).to(target)
-        drrs = problem.projector(problem.ct, problem.spacing, poses)[:, 0].cpu()
+        # Masked like the X-ray, so that the collimated border is dark in both.
+        drrs = (problem.projector(problem.ct, problem.spacing, poses) * mask)[:, 0].cpu()
     image = target[0, 0].cpu()
 
     report = {
