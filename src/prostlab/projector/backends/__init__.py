@@ -4,11 +4,14 @@
 A backend offers four primitives on a :class:`~prostlab.projector.rays.RayBundle`: ``forward``,
 ``vjp``, ``jvp`` and ``jvp_vjp`` (see ``torch_backend`` for their maths). ``auto`` picks CuPy for
 CUDA tensors when it imports, ``cpu`` for CPU tensors when its kernels build (tried once per
-process), and torch otherwise.
+process), and torch otherwise. When ``auto`` falls back from ``cpu`` to torch, the first render
+says so once, in a ``RuntimeWarning``: which compiler was missing (or the build's first error)
+and what the fallback costs.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -19,6 +22,12 @@ from prostlab.projector.backends.torch_backend import TorchBackend
 BACKENDS = ("auto", "torch", "cupy", "cpu")
 
 _warned_cpu_build = False
+
+FALLBACK_COST = (
+    "a registration iteration took 6.6x the CPU time with it (930 ms against 140 ms: ncc, "
+    "128^2 detector, 128^3 CT, one thread; bench/RESULTS.md, 'Registration, CPU', 2026-11-29)"
+)
+"""What falling back from ``cpu`` to torch costs, as measured; the warning quotes it."""
 
 
 def cupy_available() -> bool:
@@ -34,22 +43,38 @@ def cupy_available() -> bool:
 
 
 def _cpu_or_torch() -> str:
-    """``"cpu"`` when its kernels build here, else ``"torch"`` (warning once if the build failed)."""
+    """``"cpu"`` when its kernels build here, else ``"torch"`` (warning once, see module doc)."""
     global _warned_cpu_build
     from prostlab.projector.backends.cpu_kernels import cpu_build_error, cpu_kernels_available
 
     if cpu_kernels_available():
         return "cpu"
-    error = cpu_build_error()
-    if error is not None and not _warned_cpu_build:
+    if not _warned_cpu_build:
         _warned_cpu_build = True
-        first = str(error).splitlines()[0]
-        warnings.warn(
-            f"prostlab: cpu kernels unavailable, using the torch backend ({first})",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warnings.warn(cpu_fallback_message(cpu_build_error()), RuntimeWarning, stacklevel=3)
     return "torch"
+
+
+def cpu_fallback_message(error: Exception | None) -> str:
+    """Why ``auto`` renders CPU tensors with torch, what it costs, and how to undo it.
+
+    ``error`` is the failed build's error (its first line is quoted), or None when no compiler
+    was found: then the message lists what ``host_emulation.compiler()`` looked for, ``$CXX``
+    (with its value), then ``g++`` and ``c++`` on the PATH.
+    """
+    if error is not None:
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
+    else:
+        cxx = os.environ.get("CXX")
+        why = ("no C++ compiler: " + (f"$CXX={cxx!r} is not on the PATH" if cxx
+                                      else "$CXX is not set")
+               + ", and neither g++ nor c++ is on the PATH")
+    return (
+        f"prostlab: backend='auto' renders CPU tensors with the torch backend, because the "
+        f"compiled 'cpu' backend could not be built ({why}). The torch backend is slower: "
+        f"{FALLBACK_COST}. Install g++ (or set $CXX to a C++ compiler with OpenMP) to use the "
+        f"'cpu' backend; backend='torch' picks torch without this warning."
+    )
 
 
 def resolve_backend(name: str, device: torch.device, max_samples: int):
