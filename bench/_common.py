@@ -158,6 +158,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def last_level_cache() -> str:
+    """The largest CPU cache lscpu reports, e.g. "L3 cache: 32 MiB (1 instance)", or "?"."""
+    caches = [" ".join(line.split()) for line in _run(["lscpu"]).splitlines()
+              if re.match(r"\s*L\d\S* cache:", line)]
+    return max(caches, key=lambda line: int(line[1]), default="?")
+
+
 def machine_facts() -> dict:
     """Date (UTC), CPU model, cores, git commit (with a '+dirty' mark), Python and torch."""
     import torch
@@ -167,6 +174,7 @@ def machine_facts() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "cache": last_level_cache(),
         "torch_threads": torch.get_num_threads(),
         "commit": commit,
         "python": platform.python_version(),

@@ -1,8 +1,11 @@
-"""CPU benchmark of prostlab's projector (torch backend) beside nanodrr and DiffDRR.
+"""CPU benchmark of prostlab's projector (``cpu`` and ``torch`` backends) beside nanodrr and
+DiffDRR, on CTs of the sizes users have, with the share of the memory bandwidth each one uses.
 
-    python bench/projector.py [--quick] [--threads 1] [--full] [--out bench/results/projector_cpu.md]
+    python bench/projector.py [--quick] [--threads 1] [--volumes full 256 128]
+        [--detectors 128 256 512] [--backends cpu torch] [--passes forward fwd+bwd]
+        [--ct PATH] [--full] [--out bench/results/projector_cpu.md]
 
-(the rotated pose on the 256² detector is only cross-checked, not timed, unless ``--full``).
+(the rotated pose is only cross-checked, not timed, on detectors above 128², unless ``--full``).
 
 Installing the peers (they are optional; a missing one is reported as "not installed"). Neither
 may replace the torch build you have, so check first:
@@ -18,17 +21,37 @@ may replace the torch build you have, so check first:
                                        # `from diffdrr.data import read` do import; use
                                        # --no-deps for any that would pull torch/torchvision
 
-What is measured, for each detector (128^2 at 2.92 mm, 256^2 at 1.46 mm: ProST's pelvis camera,
-sdd 1020 mm, sid 620 mm), each pose (identity, and a rotated and shifted one) and each library:
+What is measured, for each volume, each detector, each pose (identity, and a rotated and
+shifted one) and each library (prostlab with each of ``--backends``, and the peers):
 
-* ``forward``: one DRR under ``torch.no_grad()``.
-* ``fwd+bwd``: ``sim = (drr * target).sum(); sim.backward()`` with the pose (B, 6) requiring grad.
-* ``fwd+bwd+2nd``: one step of training a similarity network through the projector:
-  ``g = autograd.grad(sim, pose, create_graph=True)[0]; (g ** 2).sum().backward()``, with the pose
-  and the volume requiring grad (the double backward ProST needs).
+* Volumes (``--volumes``). ``full``: the CT of ``--ct`` (default
+  ``../shared/data/chest_ct/ct.nii.gz`` beside the repository: 512 x 512 x 133 voxels of 0.703 x
+  0.703 x 2.5 mm, 133 MiB as float32) as stored: its array axes and spacing, HU to mu by
+  ``prostlab.data.intensity`` (``fill_outside_fov``, then ``hu_to_mu``), not resampled. ``256``:
+  the same CT prepared like the bundled cube (``prostlab.data.prepare_ct``: LIP, centred on the
+  bones, a 332.5 mm cube) at 256^3 (1.3 mm, 64 MiB), built once into
+  ``cache/bench_projector/``. ``128``: the bundled 128^3 cube (2.6 mm, 8 MiB). Without the CT,
+  ``full`` and ``256`` are skipped with a note. The identity pose is an AP view of every volume:
+  the prepared cubes are LIP, and the stored CT's pose is turned by ``ap_view`` first, so the rays
+  cross its voxels as in an AP radiograph (along its second, anterior, array axis), not along its
+  slices.
+* Detectors (``--detectors``): 128^2 at 2.92 mm, 256^2 at 1.46 mm and 512^2 at 0.73 mm, one
+  373.8 mm field: ProST's pelvis camera, sdd 1020 mm, sid 620 mm.
+* Passes (``--passes``, default ``forward fwd+bwd``):
+  * ``forward``: one DRR under ``torch.no_grad()``.
+  * ``fwd+bwd``: ``sim = (drr * target).sum(); sim.backward()`` with the pose (B, 6) requiring grad.
+  * ``fwd+bwd+2nd``: one step of training a similarity network through the projector:
+    ``g = autograd.grad(sim, pose, create_graph=True)[0]; (g ** 2).sum().backward()``, with the pose
+    and the volume requiring grad (the double backward ProST needs). The peers differentiate
+    ``grid_sample`` twice through autograd, about 1 KB per sample: 11 GB at 256^2 on the 128^3
+    cube, 50 GB at 512^2 on the full CT; ask for it on small cases only.
+* Memory bandwidth: a STREAM-like probe (``stream``) in a fresh process on the same thread count,
+  at the start and at the end of the run: triad ``a = b + 3 c`` and copy ``a = b`` over float32
+  arrays of 256 MiB each (8 times a 32 MiB last-level cache), median of 10. The higher triad
+  figure is the limit the table compares with.
 
 Time is the median of up to ``--repeats`` calls after ``--warmup`` untimed ones
-(time.perf_counter), fewer where they would not fit in ``--budget`` seconds. The three libraries
+(time.perf_counter), fewer where they would not fit in ``--budget`` seconds. All libraries
 of a case run in one fresh process, round-robin (each round calls each once, in a rotating
 order), so that other jobs on a shared machine slow them alike; speed ratios are medians of the
 per-round ratios. Memory is the peak resident set size during one call, in a fresh process per
@@ -43,7 +66,21 @@ the volume's support (``RayBundle.sample_range``); its count is the sum of those
 nanodrr and DiffDRR put a fixed number ``n`` of samples on every ray; we give them the mean of
 prostlab's per-ray counts, rounded, so that all three take (almost) the same number of trilinear
 samples per image. "samples/s" is that count divided by the median time, for every pass (a
-backward pass revisits the same samples).
+backward pass revisits the same samples), and for every library (the same work).
+
+Bytes: "gather GB/s" is samples/s times the volume data a pass must touch per sample, as if no
+byte were ever reused: a trilinear sample reads its 8 float32 corners, 32 B, once per sweep of
+the volume. A forward pass sweeps once (32 B); forward+backward twice (64 B: the backward re-reads
+the 8 corners for the sample's spatial gradient; the volume needs no gradient); the double
+backward three times and scatters into the volume's gradient (160 B: 32 forward, 32 for the pose
+gradient, 32 more and 64 for the 8 corners' read-modify-write in ``jvp_vjp``, see
+``prostlab.projector.autograd``). "of bandwidth" divides it by the measured triad bandwidth.
+Cache reuse is not counted, nor is cache-line granularity: neighbouring samples and rays share
+corners (which caches serve without DRAM traffic, and which can lift the figure above 100% when
+the volume fits in cache), while a corner fetched from DRAM brings its whole 64 B line (so a
+scattered gather can saturate the bus well below 100%). The figure says how fast a library
+consumes volume data against what the memory system streams, the same yardstick for every
+library on the same case.
 
 How each peer's parameters map to ours (docs/geometry.md states our frames; all of this was read
 from the installed sources, nanodrr 0.1.7 and diffdrr 0.6.1, and is checked by the image NCC):
@@ -56,6 +93,9 @@ from the installed sources, nanodrr 0.1.7 and diffdrr 0.6.1, and is checked by t
   world point to the voxel index ``(i, j, k)`` of our ``(D, H, W)`` axes through the inverse
   affine, so no axis is flipped or swapped. Our volume frame is that index, centred and scaled:
   ``world = A @ V`` with ``V = [diag(1 / s) | (N - 1) / 2]``, here ``W_v = A V``.
+  The stored CT (``full``) gives the peers that centred index frame itself as the world,
+  ``A = V^-1``, so ``W_v`` is the identity (its own LAS axes would make the index frame a
+  mirror of the world, and the peers' camera-to-world maps improper).
   nanodrr is given the mu volume with ``convert_to_mu=False``; DiffDRR's ``read`` turns HU into a
   [0, 1] "density", so its density image is overwritten with the same mu. DiffDRR's ``read``
   also moves the world origin to the grid centre (``canonicalize``): we use its moved affine.
@@ -69,8 +109,9 @@ from the installed sources, nanodrr 0.1.7 and diffdrr 0.6.1, and is checked by t
 * The pose. Ours is the camera-from-volume map ``E = [R | t + sid e_z]``; its inverse ``M = E^-1``
   takes camera to volume frame. nanodrr wants camera-to-world ``rt_inv = W_v M``. DiffDRR builds
   camera-to-world as ``pose @ reorient`` (``Detector.forward``: ``reorient.compose(pose)``), so its
-  pose matrix is ``W_v M F reorient^T`` (``reorient`` of ``orientation="AP"``). For our identity
-  pose these are exactly the peers' own AP set-ups: nanodrr's ``make_rt_inv(rotation=0,
+  pose matrix is ``W_v M F reorient^T`` (``reorient`` of ``orientation="AP"``). ``M`` includes
+  the volume's base rotation ``B`` (``E = [R B | t + sid e_z]``). For our identity pose on a
+  LIP cube these are exactly the peers' own AP set-ups: nanodrr's ``make_rt_inv(rotation=0,
   translation=(0, sid, 0), orientation="AP", isocenter=subject.isocenter)`` (asserted below) and
   DiffDRR's ``rotation=0, translation=(0, sid, 0)`` (source ``sid`` mm anterior of the centre).
   The maps are torch ops on the pose tensor, so gradients reach the same (B, 6) pose everywhere.
@@ -109,21 +150,60 @@ from _common import (  # noqa: E402
 )
 
 SDD, SID, STEP = 1020.0, 620.0, 1.75
-DETECTORS = {128: 2.92, 256: 1.46}  # pixels -> pixel spacing (mm): the same 373.8 mm detector
+DETECTORS = {128: 2.92, 256: 1.46, 512: 0.73}  # pixels -> pixel spacing (mm): one 373.8 mm field
+VOLUMES = ("full", "256", "128")
 POSES = {
     "identity": (0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
     # 36 degrees mostly about the vertical (image-row) axis, plus a tilt and a shift
     "rotated": (0.2, 0.6, 0.1, 10.0, -5.0, 20.0),
 }
-PASSES = ("forward", "fwd+bwd", "fwd+bwd+2nd")
+# Bytes of volume data a pass reads or writes per trilinear sample (module docstring, "Bytes").
+BYTES_PER_SAMPLE = {"forward": 32, "fwd+bwd": 64, "fwd+bwd+2nd": 160}
+PASSES = tuple(BYTES_PER_SAMPLE)
 LIBS = ("prostlab", "nanodrr", "diffdrr")
+PROSTLAB_BACKENDS = ("cpu", "torch")
 PEER_PACKAGES = {"nanodrr": "nanodrr", "diffdrr": "diffdrr"}
+DEFAULT_CT = REPO.parent / "shared" / "data" / "chest_ct" / "ct.nii.gz"
+CACHE = REPO / "cache" / "bench_projector"
+NCC_TARGET = 0.99999
+# Issue 12's targets against nanodrr's torch backend: speed (peer ms / ours) and peak memory.
+SPEED_TARGETS = {"cpu": {"forward": 3.0, "fwd+bwd": 3.0}, "torch": {"forward": 1.0, "fwd+bwd": 1.0}}
+MEMORY_TARGETS = {"cpu": 0.5}
+STREAM_BYTES = 256 * 2 ** 20  # per array of the bandwidth probe, at least 8 x the last-level cache
 WORKER_TIMEOUT_S = 900
 
 
 # ------------------------------------------------------------------------------------- data
-def load_volume():
-    """The bundled 128^3 chest CT as (volume (1, 1, D, H, W), spacing, affine, description)."""
+def load_volumes(names, ct_path: Path) -> tuple[dict, dict]:
+    """The benchmark's volumes by name, and a note for each one that cannot be made here.
+
+    Each volume is a dict: ``volume`` (1, 1, D, H, W) mu, ``spacing`` (mm, array axes),
+    ``affine`` (index to world, as the peers get it), ``base`` (3, 3) the camera-from-volume
+    rotation of the identity pose (an AP view, see ``ap_view``) and ``description``.
+    """
+    volumes, skipped = {}, {}
+    for name in names:
+        if name == "128":
+            volumes[name] = bundled_cube(ct_path)
+        elif not ct_path.is_file():
+            skipped[name] = f"{ct_path} not found (--ct)"
+        elif name == "full":
+            volumes[name] = full_ct(ct_path)
+        else:
+            volumes[name] = prepared_cube(ct_path, int(name))
+    return volumes, skipped
+
+
+def _entry(volume, spacing, affine, description, base=None) -> dict:
+    import numpy as np
+
+    return {"volume": volume, "spacing": tuple(float(s) for s in spacing),
+            "affine": np.asarray(affine, dtype=np.float64),
+            "base": np.eye(3) if base is None else base, "description": description}
+
+
+def bundled_cube(ct_path: Path) -> dict:
+    """The bundled 128^3 chest CT (LIP); else ``ct_path`` prepared to 128^3; else a phantom."""
     import numpy as np
     import torch
 
@@ -132,16 +212,10 @@ def load_volume():
     example = REPO / "data" / "chest_ct_128"
     if (example / "meta.json").is_file():
         ct = pdata.load_prepared(pdata.example_path()).ct
-        return (ct.data[None].float(), ct.spacing, ct.affine,
-                "bundled example data/chest_ct_128 (ct_mu, 128^3, 2.598 mm)")
-    shared = REPO.parent / "shared" / "data" / "chest_ct"
-    if (shared / "ct.nii.gz").is_file():
-        with tempfile.TemporaryDirectory() as tmp:
-            pdata.prepare_ct(shared / "ct.nii.gz", shared / "labels.nii.gz", tmp, size=128,
-                             bones="bones")
-            ct = pdata.load_prepared(tmp).ct
-        return (ct.data[None].float(), ct.spacing, ct.affine,
-                "../shared/data/chest_ct/ct.nii.gz prepared to 128^3 (prostlab.data.prepare_ct)")
+        return _entry(ct.data[None].float(), ct.spacing, ct.affine,
+                      "bundled example data/chest_ct_128 (ct_mu, 128^3, 2.598 mm, LIP)")
+    if ct_path.is_file():
+        return prepared_cube(ct_path, 128)
     # A synthetic phantom: a water ellipsoid with a denser rod and slab, LIP affine, 2.6 mm.
     n, s = 128, 2.6
     axis = (torch.arange(n, dtype=torch.float32) - (n - 1) / 2) * s
@@ -151,7 +225,94 @@ def load_volume():
     mu += 0.02 * ((y.abs() < 8) & (x.abs() < 90) & (z.abs() < 60)).float()
     affine = np.diag([-s, -s, -s, 1.0])[:, [0, 2, 1, 3]]  # LIP: axis 0 -> -x, 1 -> -z, 2 -> -y
     affine[:3, 3] = -affine[:3, :3] @ np.full(3, (n - 1) / 2)
-    return mu[None, None], (s, s, s), affine, "synthetic 128^3 phantom (no CT data found)"
+    return _entry(mu[None, None], (s, s, s), affine, "synthetic 128^3 phantom (no CT data found)")
+
+
+def prepared_cube(ct_path: Path, size: int) -> dict:
+    """``ct_path`` prepared like the bundled cube (``prostlab prepare``: LIP, centred on the bones
+    when labels.nii.gz lies beside it) at ``size^3``, cached under cache/bench_projector/."""
+    import hashlib
+
+    import prostlab.data as pdata
+
+    digest = hashlib.sha256(ct_path.read_bytes()).hexdigest()[:12]
+    folder = CACHE / f"{ct_path.name.split('.')[0]}_{digest}_{size}"
+    labels = ct_path.parent / "labels.nii.gz"
+    if not (folder / "meta.json").is_file():
+        print(f"preparing {ct_path} at {size}^3 into {folder} (once)", flush=True)
+        pdata.prepare_ct(ct_path, labels if labels.is_file() else None, folder, size=size,
+                         bones="bones", overwrite=True)
+    ct = pdata.load_prepared(folder).ct
+    side = size * ct.spacing[0]
+    return _entry(ct.data[None].float(), ct.spacing, ct.affine,
+                  f"{_shown(ct_path)} prepared to {size}^3 ({ct.spacing[0]:.3f} mm, a "
+                  f"{side:.1f} mm LIP cube; prostlab.data.prepare_ct, cached in "
+                  f"{_shown(folder)})")
+
+
+def full_ct(ct_path: Path) -> dict:
+    """``ct_path`` as stored: its array axes and spacing, HU to mu by prostlab's own rules
+    (``fill_outside_fov`` then ``hu_to_mu``, as ``prepare_ct`` does), not resampled.
+
+    Its volume frame is the centred index frame (mm along the array axes), and so is the world
+    the peers get: ``affine = V^-1`` (module docstring), so ``W_v`` is the identity. The
+    identity pose is turned by ``base`` into an AP view of the stored axes (``ap_view``).
+    """
+    import numpy as np
+    import torch
+
+    from prostlab.data.intensity import fill_outside_fov, hu_to_mu
+    from prostlab.data.io import load_image
+    from prostlab.data.orientation import orientation_of
+    from prostlab.data.volume import spacing_of
+
+    hu, stored = load_image(ct_path)
+    mu = hu_to_mu(fill_outside_fov(hu))
+    spacing = np.asarray(spacing_of(stored))
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(spacing)
+    affine[:3, 3] = -spacing * (np.asarray(mu.shape) - 1) / 2
+    code = orientation_of(stored)
+    shape = "x".join(str(n) for n in mu.shape)
+    return _entry(torch.from_numpy(np.ascontiguousarray(mu))[None, None], spacing, affine,
+                  f"{_shown(ct_path)} as stored ({shape}, "
+                  + " x ".join(f"{s:.3f}" for s in spacing) + f" mm, {code}; HU to mu by "
+                  "prostlab.data.intensity)", ap_view(code))
+
+
+def _shown(path: Path) -> str:
+    path = Path(path).resolve()
+    return (path.relative_to(REPO).as_posix() if path.is_relative_to(REPO)
+            else ("../" + path.relative_to(REPO.parent).as_posix()
+                  if path.is_relative_to(REPO.parent) else str(path)))
+
+
+def ap_view(code: str):
+    """Camera-from-volume rotation (3, 3) that views a volume of axis ``code`` (e.g. "LAS") AP.
+
+    A prepared LIP cube's identity pose looks along its axis 2 (posterior) with image rows
+    along axis 1 (inferior) and columns along axis 0 (left): this returns the identity for
+    "LIP". For other axes it picks the volume axes (and signs) along P, I and L as the camera's
+    z, y and x. When the stored axes are a mirror of LIP (a determinant of -1, as LAS), no
+    rotation does this; x is then turned to R, which mirrors the image left-right: the rays
+    cross the voxels as in a true AP view, which is what the timing depends on.
+    """
+    import numpy as np
+
+    opposite = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
+    rows = []
+    for letter in "LIP":  # camera x, y, z
+        row = np.zeros(3)
+        for axis, c in enumerate(code):
+            if c == letter:
+                row[axis] = 1.0
+            elif c == opposite[letter]:
+                row[axis] = -1.0
+        rows.append(row)
+    base = np.stack(rows)
+    if np.linalg.det(base) < 0:
+        base[0] *= -1
+    return base
 
 
 # --------------------------------------------------------------------------------- geometry
@@ -162,11 +323,21 @@ def camera(pixels: int):
     return Camera(sdd=SDD, sid=SID, height=pixels, width=pixels, pixel_spacing=(px, px))
 
 
-def camera_to_volume(cam, pose):
-    """``M = E^-1`` (B, 4, 4): our camera frame to our volume frame, differentiable in ``pose``."""
+def extrinsics(cam, pose, base):
+    """``E = [R(pose) B | t + sid e_z]`` (B, 3, 4): the pose applied after the volume's base
+    rotation ``B`` (its AP view), differentiable in ``pose``."""
     import torch
 
     E = cam.extrinsics(pose)
+    B = torch.as_tensor(base, dtype=pose.dtype)
+    return torch.cat((E[:, :, :3] @ B, E[:, :, 3:]), dim=2)
+
+
+def camera_to_volume(cam, pose, base):
+    """``M = E^-1`` (B, 4, 4): our camera frame to our volume frame, differentiable in ``pose``."""
+    import torch
+
+    E = extrinsics(cam, pose, base)
     Rt = E[:, :, :3].transpose(1, 2)
     top = torch.cat((Rt, -Rt @ E[:, :, 3:]), dim=2)
     bottom = torch.tensor([[[0.0, 0.0, 0.0, 1.0]]], dtype=pose.dtype).expand(len(pose), 1, 4)
@@ -184,45 +355,55 @@ def world_from_volume(affine, shape, spacing):
     return torch.from_numpy(np.asarray(affine, dtype=np.float64) @ V)
 
 
-def sample_counts(cam, volume, spacing, pose):
-    """Per-ray sample counts of prostlab's projector at ``pose`` (1, 6): (total, mean, max)."""
+def sample_counts(cam, vol: dict, pose):
+    """Per-ray sample counts of prostlab's projector at ``pose`` (1, 6): total, mean, max, rays
+    that hit."""
     import torch
 
     from prostlab.projector.rays import RayBundle
 
-    M = camera_to_volume(cam, pose.double())[:, :3].to(volume.dtype)
-    rays = RayBundle.from_camera(cam, spacing, volume.shape[2:], STEP, volume.dtype, "cpu")
+    volume = vol["volume"]
+    M = camera_to_volume(cam, pose.double(), vol["base"])[:, :3].to(volume.dtype)
+    rays = RayBundle.from_camera(cam, vol["spacing"], volume.shape[2:], STEP, volume.dtype, "cpu")
     _, count = rays.sample_range(M)
     return int(count.sum()), float(count.float().mean()), int(count.max()), int(
         torch.count_nonzero(count))
 
 
 # -------------------------------------------------------------------------------- renderers
-def make_renderer(lib: str, volume, spacing, affine, pixels: int, n_peer: int,
-                  max_samples: int | None = None, backend: str = "torch"):
-    """``render(volume, pose) -> (B, 1, H, W)`` for ``lib``, and its samples per image (B = 1).
+def make_renderer(lib: str, vol: dict, pixels: int, n_peer: int,
+                  max_samples: int | None = None):
+    """``render(volume, pose) -> (B, 1, H, W)`` for ``lib`` ("prostlab-cpu", "prostlab-torch",
+    "nanodrr" or "diffdrr") on the volume ``vol`` (see ``load_volumes``).
 
-    ``volume`` is our (1, 1, D, H, W) mu array and ``pose`` our (B, 6) pose; each peer gets them
-    through the mapping in the module docstring, with torch ops, so gradients flow to both.
+    ``volume`` is our (1, 1, D, H, W) mu array and ``pose`` our (B, 6) pose, applied after the
+    volume's base rotation; each peer gets them through the mapping in the module docstring,
+    with torch ops, so gradients flow to both.
     """
     import torch
 
+    from prostlab.data.orientation import orientation_of
+
+    volume, spacing, affine, base = vol["volume"], vol["spacing"], vol["affine"], vol["base"]
     cam = camera(pixels)
     dv, du = cam.pixel_spacing
-    if lib == "prostlab":
+    # The peers' own AP set-ups are ours only where the world is the patient's (a LIP cube).
+    anatomical = orientation_of(affine) == "LIP"
+    if lib.startswith("prostlab-"):
         from prostlab.projector import Projector
 
         extra = {} if max_samples is None else {"max_samples": max_samples}
-        projector = Projector(cam, step=STEP, backend=backend, **extra)
+        projector = Projector(cam, step=STEP, backend=lib.removeprefix("prostlab-"), **extra)
 
-        def render(vol, pose):
-            return projector(vol, spacing, pose)
+        def render(v, pose):
+            return projector.render(v, spacing, extrinsics(cam, pose, base))
 
         return render
 
     import torchio as tio
 
     image = tio.ScalarImage(tensor=volume[0].detach().clone(), affine=affine)
+    zero = torch.zeros(1, 6, dtype=torch.float64)
     if lib == "nanodrr":
         from nanodrr.camera import make_rt_inv
         from nanodrr.data import Subject
@@ -232,19 +413,18 @@ def make_renderer(lib: str, volume, spacing, affine, pixels: int, n_peer: int,
         drr = DRR.from_carm_intrinsics(SDD, du, dv, 0.0, 0.0, pixels, pixels)
         W_v = world_from_volume(subject.voxel_to_world.double().numpy(), volume.shape[2:],
                                 spacing)
-        # Our identity pose is nanodrr's own AP set-up (source sid mm anterior of the isocentre).
-        zero = torch.zeros(1, 6, dtype=torch.float64)
-        ours = W_v @ camera_to_volume(cam, zero)
-        theirs = make_rt_inv(torch.zeros(1, 3, dtype=torch.float64),
-                             torch.tensor([[0.0, SID, 0.0]], dtype=torch.float64), "AP",
-                             subject.isocenter.double())
-        assert torch.allclose(ours, theirs, atol=1e-3), (ours, theirs)
+        if anatomical:  # our identity pose is nanodrr's AP set-up (source sid mm anterior)
+            ours = W_v @ camera_to_volume(cam, zero, base)
+            theirs = make_rt_inv(torch.zeros(1, 3, dtype=torch.float64),
+                                 torch.tensor([[0.0, SID, 0.0]], dtype=torch.float64), "AP",
+                                 subject.isocenter.double())
+            assert torch.allclose(ours, theirs, atol=1e-3), (ours, theirs)
         W_v = W_v.float()
 
-        def render(vol, pose):
-            if vol.requires_grad:  # _to_bcdhw's layout: (1, 1, W, H, D) of ours
-                subject._image_hu = vol.permute(0, 1, 4, 3, 2)
-            rt_inv = W_v @ camera_to_volume(cam, pose)
+        def render(v, pose):
+            if v.requires_grad:  # _to_bcdhw's layout: (1, 1, W, H, D) of ours
+                subject._image_hu = v.permute(0, 1, 4, 3, 2)
+            rt_inv = W_v @ camera_to_volume(cam, pose, base)
             return drr(subject, rt_inv, n_samples=n_peer, backend="torch")
 
         return render
@@ -261,18 +441,18 @@ def make_renderer(lib: str, volume, spacing, affine, pixels: int, n_peer: int,
         W_v = world_from_volume(subject.volume.affine, volume.shape[2:], spacing)
         F = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
         reorient_T = drr.detector._reorient.double().T
-        zero = torch.zeros(1, 6, dtype=torch.float64)
-        theirs = torch.eye(4, dtype=torch.float64)
-        theirs[1, 3] = SID  # DiffDRR's AP: rotation 0, translation (0, sid, 0)
-        assert torch.allclose(W_v @ camera_to_volume(cam, zero) @ F @ reorient_T, theirs,
-                              atol=1e-3)
+        if anatomical:
+            theirs = torch.eye(4, dtype=torch.float64)
+            theirs[1, 3] = SID  # DiffDRR's AP: rotation 0, translation (0, sid, 0)
+            assert torch.allclose(W_v @ camera_to_volume(cam, zero, base) @ F @ reorient_T,
+                                  theirs, atol=1e-3)
         right = (F @ reorient_T).float()
         W_v = W_v.float()
 
-        def render(vol, pose):
-            if vol.requires_grad:
-                drr.density = vol[0, 0]  # DiffDRR's density is (X, Y, Z): our array as it is
-            matrix = W_v @ camera_to_volume(cam, pose) @ right
+        def render(v, pose):
+            if v.requires_grad:
+                drr.density = v[0, 0]  # DiffDRR's density is (X, Y, Z): our array as it is
+            matrix = W_v @ camera_to_volume(cam, pose, base) @ right
             return drr(RigidTransform(matrix), n_points=n_peer)
 
         return render
@@ -280,8 +460,17 @@ def make_renderer(lib: str, volume, spacing, affine, pixels: int, n_peer: int,
 
 
 def peer_status(lib: str) -> str | None:
-    """None if ``lib`` imports, else why not."""
-    if lib == "prostlab":
+    """None if ``lib`` can run here, else why not."""
+    if lib.startswith("prostlab-"):
+        if lib == "prostlab-cpu":
+            from prostlab.projector.backends.cpu_kernels import (
+                cpu_build_error,
+                cpu_kernels_available,
+            )
+
+            if not cpu_kernels_available():
+                error = cpu_build_error()
+                return f"not built ({str(error).splitlines()[0] if error else 'no C++ compiler'})"
         return None
     try:
         if lib == "nanodrr":
@@ -295,12 +484,13 @@ def peer_status(lib: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------- a case
-def make_call(lib: str, mode: str, volume, spacing, affine, pixels: int, pose_name: str,
-              n_peer: int, max_samples: int | None, backend: str = "torch"):
+def make_call(lib: str, mode: str, vol: dict, pixels: int, pose_name: str, n_peer: int,
+              max_samples: int | None):
     """A no-argument function running one ``mode`` pass of ``lib``; all set-up done here."""
     import torch
 
-    render = make_renderer(lib, volume, spacing, affine, pixels, n_peer, max_samples, backend)
+    volume = vol["volume"]
+    render = make_renderer(lib, vol, pixels, n_peer, max_samples)
     pose0 = torch.tensor([POSES[pose_name]], dtype=torch.float32)
     target = torch.randn(1, 1, pixels, pixels, generator=torch.Generator().manual_seed(0))
     if mode == "forward":
@@ -335,6 +525,7 @@ def _error(error: Exception) -> dict:
 def run_case(spec: dict) -> dict:
     """One worker's job, in a fresh process; ``spec`` comes from the parent.
 
+    ``kind == "bandwidth"``: the memory bandwidth probe (``stream``).
     ``kind == "memory"``: one call of one library, and its peak RSS growth (see ``PeakRSS``).
     ``kind == "time"``: all of ``spec["libs"]`` on the same case, timed round-robin: each library
     is warmed up, then every round calls each once, in an order that rotates from round to round,
@@ -344,10 +535,11 @@ def run_case(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    blob = torch.load(spec["data"], weights_only=False)
-    volume, spacing, affine = blob["volume"], tuple(blob["spacing"]), blob["affine"]
-    args = (spec["mode"], volume, spacing, affine, spec["pixels"], spec["pose"], spec["n_peer"],
-            spec.get("max_samples"), spec.get("backend", "torch"))
+    if spec["kind"] == "bandwidth":
+        return stream(spec["bytes"], spec["repeats"])
+    vol = torch.load(spec["data"], weights_only=False)
+    args = (spec["mode"], vol, spec["pixels"], spec["pose"], spec["n_peer"],
+            spec.get("max_samples"))
     if spec["kind"] == "memory":
         call = make_call(spec["lib"], *args)
         gc.collect()
@@ -396,23 +588,47 @@ def ncc(a, b) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
-def cross_check(volume, spacing, affine, pixels, pose_name, n_peer, available):
-    """NCC and relative mean difference of each peer's forward DRR against prostlab's."""
+def cross_check(vol: dict, pixels, pose_name, n_peer, available):
+    """NCC and relative mean difference of every other library's forward DRR against the first
+    prostlab backend's (``available[0]``), and the images."""
     import torch
 
     pose = torch.tensor([POSES[pose_name]], dtype=torch.float32)
     images = {}
     with torch.no_grad():
-        for lib in ("prostlab", *[p for p in PEER_PACKAGES if p in available]):
-            images[lib] = make_renderer(lib, volume, spacing, affine, pixels, n_peer)(volume, pose)
-    ours = images["prostlab"]
+        for lib in available:
+            images[lib] = make_renderer(lib, vol, pixels, n_peer)(vol["volume"], pose)
+    reference = images[available[0]]
     out = {}
     for lib, image in images.items():
-        if lib != "prostlab":
-            out[lib] = {"ncc": ncc(ours, image),
-                        "mean_rel": float(image.mean() / ours.mean() - 1),
-                        "max_abs_rel": float((image - ours).abs().max() / ours.abs().max())}
+        if lib != available[0]:
+            out[lib] = {"ncc": ncc(reference, image),
+                        "mean_rel": float(image.mean() / reference.mean() - 1),
+                        "max_abs_rel": float((image - reference).abs().max()
+                                             / reference.abs().max())}
     return out, images
+
+
+# --------------------------------------------------------------------------------- bandwidth
+def stream(nbytes: int, repeats: int) -> dict:
+    """Memory bandwidth (GB/s, 1e9 B/s) of a STREAM-like triad and copy on torch's threads.
+
+    Three float32 arrays of ``nbytes`` each; triad ``a = b + 3 c`` (``torch.add(b, c, alpha=3,
+    out=a)``) moves ``3 nbytes``, copy ``a = b`` moves ``2 nbytes`` (STREAM's count: the
+    write-allocate read of ``a`` is not counted). Median of ``repeats`` timed calls after two
+    warm-ups.
+    """
+    import torch
+
+    n = nbytes // 4
+    a, b, c = torch.zeros(n), torch.ones(n), torch.full((n,), 2.0)
+    out = {}
+    for name, moved, fn in (("triad", 3 * nbytes, lambda: torch.add(b, c, alpha=3.0, out=a)),
+                            ("copy", 2 * nbytes, lambda: a.copy_(b))):
+        ms = median(measure_call(fn, warmup=2, repeats=repeats)["wall_ms"])
+        out[f"{name}_gbs"] = moved / ms / 1e6
+    out["threads"] = torch.get_num_threads()
+    return out
 
 
 # ------------------------------------------------------------------------------------- main
@@ -426,25 +642,35 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timed calls per case: fewer repeats (at least 1) when "
                              "the first warm-up call says they would not fit")
+    parser.add_argument("--volumes", nargs="+", default=list(VOLUMES), choices=list(VOLUMES),
+                        help="full: the CT of --ct as stored; 256: it prepared to 256^3; 128: "
+                             "the bundled 128^3 cube")
+    parser.add_argument("--ct", type=Path, default=DEFAULT_CT,
+                        help="the CT (HU, NIfTI or DICOM folder) of the full and 256 volumes "
+                             "(default: ../shared/data/chest_ct/ct.nii.gz beside the repo)")
     parser.add_argument("--detectors", type=int, nargs="+", default=list(DETECTORS),
                         choices=list(DETECTORS))
     parser.add_argument("--poses", nargs="+", default=list(POSES), choices=list(POSES))
     parser.add_argument("--full", action="store_true",
-                        help="also time the rotated pose on the 256² detector (by default it is "
-                             "only cross-checked, to keep the run near 10 minutes)")
-    parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=list(PASSES))
+                        help="also time the rotated pose on detectors above 128² (by default "
+                             "it is only cross-checked there)")
+    parser.add_argument("--passes", nargs="+", default=["forward", "fwd+bwd"],
+                        choices=list(PASSES),
+                        help="default: forward fwd+bwd; the peers' fwd+bwd+2nd needs about "
+                             "1 KB per sample (11 GB at 256² on the 128³ cube)")
     parser.add_argument("--libs", nargs="+", default=list(LIBS), choices=list(LIBS))
+    parser.add_argument("--backends", nargs="+", default=list(PROSTLAB_BACKENDS),
+                        choices=list(PROSTLAB_BACKENDS),
+                        help="prostlab's projector backends, each timed beside the peers")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads in the measuring processes (default: "
                              "torch's own choice); 1 keeps a machine shared with other jobs "
                              "from stalling every parallel op on a busy core")
-    parser.add_argument("--backend", default="torch",
-                        help="prostlab's projector backend (this benchmark is of 'torch')")
     parser.add_argument("--max-samples", type=int, default=None,
                         help="prostlab Projector max_samples (samples per chunk; default: its own)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--images", type=Path, default=None,
-                        help="save a PNG of the three DRRs of each cross-check case here")
+                        help="save a PNG of the DRRs of each cross-check case here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -460,56 +686,71 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     facts = machine_facts()
     # Tracked changes only: an untracked new backend file does not change the torch backend.
-    dirty = subprocess.run(["git", "diff", "--name-only", "HEAD", "--", "src/prostlab/projector"],
+    dirty = subprocess.run(["git", "diff", "--name-only", "HEAD", "--", "src/prostlab/projector",
+                            "kernels"],
                            capture_output=True, text=True, cwd=REPO).stdout.split()
     load_start = load_average()
-    volume, spacing, affine, source = load_volume()
-    print(f"volume: {source}, shape {tuple(volume.shape)}, spacing {spacing}")
-    print(f"machine: {facts['cpu']}, {facts['cores']} cores, torch {facts['torch']} "
-          f"({args.threads or facts['torch_threads']} threads), commit {facts['commit']}")
+    print(f"machine: {facts['cpu']}, {facts['cores']} cores, {facts['cache']}, torch "
+          f"{facts['torch']} ({args.threads or facts['torch_threads']} threads), commit "
+          f"{facts['commit']}")
+    worker = [str(Path(__file__).resolve()), "--worker"]
+    probe = {"kind": "bandwidth", "bytes": STREAM_BYTES, "repeats": 10, "threads": args.threads}
+    bandwidth = [run_worker(worker + [json.dumps(probe)], timeout=WORKER_TIMEOUT_S)]
+    print(f"memory bandwidth: {bandwidth[0]}")
 
-    status = {lib: peer_status(lib) for lib in args.libs}
-    available = [lib for lib in args.libs if status[lib] is None]
-    for lib in PEER_PACKAGES:
-        version = package_version(PEER_PACKAGES[lib])
-        print(f"{lib}: {status.get(lib) or 'version ' + str(version)}")
+    libs = [f"prostlab-{b}" for b in args.backends] if "prostlab" in args.libs else []
+    libs += [lib for lib in PEER_PACKAGES if lib in args.libs]
+    status = {lib: peer_status(lib) for lib in libs}
+    available = [lib for lib in libs if status[lib] is None]
+    for lib in libs:
+        version = package_version(PEER_PACKAGES.get(lib, "prostlab"))
+        print(f"{lib}: {status[lib] or 'version ' + str(version)}")
+    if not available or not available[0].startswith("prostlab-"):
+        print("no prostlab backend can run here: nothing to compare")
+        return 1
 
-    data_file = Path(tempfile.mkdtemp(prefix="prostlab-bench-")) / "volume.pt"
-    torch.save({"volume": volume, "spacing": spacing, "affine": affine}, data_file)
+    volumes, skipped = load_volumes(args.volumes, args.ct)
+    for name, why in skipped.items():
+        print(f"volume {name}: skipped, {why}")
+    tmp = Path(tempfile.mkdtemp(prefix="prostlab-bench-"))
+    data_files = {}
+    for name, vol in volumes.items():
+        data_files[name] = tmp / f"volume_{name}.pt"
+        torch.save(vol, data_files[name])
+        print(f"volume {name}: {vol['description']}, shape {tuple(vol['volume'].shape)}")
 
     # Sample counts and the image cross-check, in this process.
     counts, checks = {}, {}
-    for pixels in args.detectors:
-        for pose_name in args.poses:
-            cam = camera(pixels)
-            pose = torch.tensor([POSES[pose_name]])
-            total, mean, most, hit = sample_counts(cam, volume, spacing, pose)
-            n_peer = max(2, round(mean))
-            counts[pixels, pose_name] = {"total": total, "mean": mean, "max": most, "hit": hit,
-                                         "n_peer": n_peer, "rays": pixels * pixels}
-            checks[pixels, pose_name], images = cross_check(
-                volume, spacing, affine, pixels, pose_name, n_peer, available)
-            line = ", ".join(f"{lib} NCC {c['ncc']:.6f} (mean {100 * c['mean_rel']:+.2f}%)"
-                             for lib, c in checks[pixels, pose_name].items())
-            print(f"{pixels}px {pose_name}: prostlab {total} samples ({mean:.1f}/ray, max "
-                  f"{most}); peers {n_peer}/ray. {line}")
-            if args.images is not None:
-                save_images(images, args.images / f"drr_{pixels}_{pose_name}.png")
+    for name, vol in volumes.items():
+        for pixels in args.detectors:
+            for pose_name in args.poses:
+                cam = camera(pixels)
+                pose = torch.tensor([POSES[pose_name]])
+                total, mean, most, hit = sample_counts(cam, vol, pose)
+                n_peer = max(2, round(mean))
+                case = (name, pixels, pose_name)
+                counts[case] = {"total": total, "mean": mean, "max": most, "hit": hit,
+                                "n_peer": n_peer, "rays": pixels * pixels}
+                checks[case], images = cross_check(vol, pixels, pose_name, n_peer, available)
+                line = ", ".join(f"{lib} NCC {c['ncc']:.6f} (mean {100 * c['mean_rel']:+.2f}%)"
+                                 for lib, c in checks[case].items())
+                print(f"{name} {pixels}px {pose_name}: {total} samples ({mean:.1f}/ray, max "
+                      f"{most}); peers {n_peer}/ray. Against {available[0]}: {line}", flush=True)
+                if args.images is not None:
+                    save_images(images, args.images / f"drr_{name}_{pixels}_{pose_name}.png")
 
     # Memory: one fresh process per (case, library). Time: one process per case, round-robin.
     results = {}
-    worker = [str(Path(__file__).resolve()), "--worker"]
-    for pixels, pose_name in timed_cases(args):
+    for name, pixels, pose_name in timed_cases(args, volumes):
         for mode in args.passes:
             spec = {"pixels": pixels, "pose": pose_name, "mode": mode,
-                    "n_peer": counts[pixels, pose_name]["n_peer"], "warmup": warmup,
-                    "repeats": repeats, "budget": budget, "data": str(data_file),
-                    "max_samples": args.max_samples, "backend": args.backend,
-                    "threads": args.threads}
+                    "n_peer": counts[name, pixels, pose_name]["n_peer"], "warmup": warmup,
+                    "repeats": repeats, "budget": budget, "data": str(data_files[name]),
+                    "max_samples": args.max_samples, "threads": args.threads}
             timing = run_worker(worker + [json.dumps({**spec, "kind": "time", "libs": available})],
                                 timeout=WORKER_TIMEOUT_S)
-            for lib in args.libs:
-                key = (pixels, pose_name, mode, lib)
+            for lib in libs:
+                key = (name, pixels, pose_name, mode, lib)
                 if lib not in available:
                     results[key] = {"error": status[lib]}
                     continue
@@ -520,18 +761,22 @@ def main(argv=None) -> int:
                                         timeout=WORKER_TIMEOUT_S)
                     result = {**result, **memory} if "error" not in memory else memory
                 results[key] = result
-                print(f"{pixels}px {pose_name:8s} {mode:12s} {lib:9s} "
+                print(f"{name} {pixels}px {pose_name:8s} {mode:12s} {lib:15s} "
                       + (f"{result['median_ms']:9.1f} ms (cpu {result['cpu_ms']:9.1f} ms) "
                          f"x{result['repeats']}  peak {result['peak_bytes'] / 2**20:7.1f} MiB"
                          if "error" not in result else result["error"]), flush=True)
-    data_file.unlink()
+    for path in data_files.values():
+        path.unlink()
+    tmp.rmdir()
+    bandwidth.append(run_worker(worker + [json.dumps(probe)], timeout=WORKER_TIMEOUT_S))
+    print(f"memory bandwidth at the end: {bandwidth[1]}")
 
     command = "python bench/projector.py" + (" --quick" if args.quick else "") + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if a != "--quick")
-    loads = (load_start, load_average())
-    report = render_report(facts, dirty, source, command, warmup, repeats, budget, counts,
-                           checks,
-                           results, args, status, time.perf_counter() - started, loads)
+    run = {"facts": facts, "dirty": dirty, "command": command, "warmup": warmup,
+           "repeats": repeats, "budget": budget, "elapsed": time.perf_counter() - started,
+           "loads": (load_start, load_average()), "bandwidth": bandwidth}
+    report = render_report(run, volumes, skipped, counts, checks, results, args, libs, status)
     print()
     print(report)
     if args.out is not None:
@@ -548,8 +793,8 @@ def save_images(images, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, len(images), figsize=(4 * len(images), 4))
-    for ax, (lib, image) in zip(axes, images.items(), strict=True):
+    fig, axes = plt.subplots(1, len(images), figsize=(4 * len(images), 4), squeeze=False)
+    for ax, (lib, image) in zip(axes[0], images.items(), strict=True):
         ax.imshow(image[0, 0].numpy(), cmap="gray")
         ax.set_title(lib)
         ax.axis("off")
@@ -565,15 +810,23 @@ def default_max_samples():
     return inspect.signature(Projector).parameters["max_samples"].default
 
 
-def timed_cases(args):
-    """The (detector, pose) pairs to time: all, less the rotated 256² one unless --full."""
-    return [(pixels, pose) for pixels in args.detectors for pose in args.poses
-            if args.full or (pixels, pose) != (256, "rotated") or len(args.poses) == 1]
+def timed_cases(args, volumes):
+    """The (volume, detector, pose) cases to time: the rotated pose only at 128² unless --full
+    (or unless it is the only pose asked for); every case is cross-checked."""
+    return [(name, pixels, pose) for name in volumes for pixels in args.detectors
+            for pose in args.poses
+            if args.full or pose == "identity" or pixels == 128 or len(args.poses) == 1]
 
 
-def render_report(facts, dirty, source, command, warmup, repeats, budget, counts, checks,
-                  results, args, status, elapsed, loads) -> str:
-    peers = [lib for lib in PEER_PACKAGES if lib in args.libs]
+def render_report(run, volumes, skipped, counts, checks, results, args, libs, status) -> str:
+    """The markdown section for bench/RESULTS.md: the facts of the run, the timing table, the
+    image agreement and the verdicts against issue 12's targets."""
+    facts = run["facts"]
+    ran = [lib for lib in libs if status[lib] is None]  # the others are named under "peers"
+    peers = [lib for lib in ran if lib in PEER_PACKAGES]
+    ours = [lib for lib in ran if lib.startswith("prostlab-")]
+    probes = [b for b in run["bandwidth"] if "triad_gbs" in b]
+    limit = max((b["triad_gbs"] for b in probes), default=None)
 
     def ok(result):
         return result is not None and "error" not in result
@@ -588,59 +841,70 @@ def render_report(facts, dirty, source, command, warmup, repeats, budget, counts
     def mib(result):
         return f"{result['peak_bytes'] / 2 ** 20:.0f}" if ok(result) else "—"
 
-    headers = ["detector", "pose", "pass", "prostlab ms (cpu)", "prostlab Msamples/s",
-               "prostlab peak MiB"]
-    for lib in peers:
-        headers += [f"{lib} ms (cpu)", f"{lib} peak MiB", f"speed vs {lib} (cpu)",
-                    f"memory vs {lib}"]
+    headers = ["volume", "detector", "pose", "pass", "library", "ms (cpu)", "Msamples/s",
+               "gather GB/s", "of bandwidth", "peak MiB"]
+    for peer in peers:
+        headers += [f"speed vs {peer} (cpu)", f"memory vs {peer}"]
     rows, verdicts = [], []
-    targets = {"forward": 3.0, "fwd+bwd": 2.0}
-    for pixels, pose_name in timed_cases(args):
-        c = counts[pixels, pose_name]
+    for name, pixels, pose_name in timed_cases(args, volumes):
+        c = counts[name, pixels, pose_name]
         for mode in args.passes:
-            ours = results.get((pixels, pose_name, mode, "prostlab"))
-            rate = c["total"] / ours["median_ms"] / 1e3 if ok(ours) else None
-            row = [f"{pixels}²", pose_name, mode, ms(ours), fmt(rate, 2), mib(ours)]
-            for lib in peers:
-                peer = results.get((pixels, pose_name, mode, lib))
-                speed = speed_cpu = mem = None
-                if ok(ours) and ok(peer):
-                    # paired by round: the two calls ran within seconds of each other
-                    speed = median([a / b for a, b in zip(peer["wall_ms"], ours["wall_ms"],
-                                                          strict=True)])
-                    speed_cpu = median([a / b for a, b in zip(
-                        peer["cpu_times_ms"], ours["cpu_times_ms"], strict=True)])
-                    if peer["peak_bytes"] > 0:
-                        mem = ours["peak_bytes"] / peer["peak_bytes"]
-                row += [ms(peer), mib(peer),
-                        f"{fmt(speed, 2, '×')} ({fmt(speed_cpu, 2, '×')})",
-                        fmt(mem, 2, "×")]
-                if lib == "nanodrr" and speed is not None:
-                    if mode in targets:
-                        verdicts.append((pixels, pose_name, mode, "speed",
-                                         f"{speed:.2f}× (cpu {speed_cpu:.2f}×)",
-                                         f"≥ {targets[mode]:g}×", speed >= targets[mode]))
-                    if mem is not None:
-                        verdicts.append((pixels, pose_name, mode, "memory", f"{mem:.2f}×",
-                                         "≤ 0.5×", mem <= 0.5))
-            rows.append(row)
+            for lib in ran:
+                mine = results.get((name, pixels, pose_name, mode, lib))
+                rate = gbs = share = None
+                if ok(mine):
+                    rate = c["total"] / mine["median_ms"] / 1e3
+                    gbs = rate * BYTES_PER_SAMPLE[mode] / 1e3
+                    share = 100 * gbs / limit if limit else None
+                row = [name, f"{pixels}²", pose_name, mode, lib, ms(mine), fmt(rate, 2),
+                       fmt(gbs, 2), fmt(share, 1, "%"), mib(mine)]
+                for peer in peers:
+                    theirs = results.get((name, pixels, pose_name, mode, peer))
+                    speed = speed_cpu = mem = None
+                    if lib in ours and ok(mine) and ok(theirs):
+                        # paired by round: the two calls ran within seconds of each other
+                        speed = median([a / b for a, b in zip(
+                            theirs["wall_ms"], mine["wall_ms"], strict=True)])
+                        speed_cpu = median([a / b for a, b in zip(
+                            theirs["cpu_times_ms"], mine["cpu_times_ms"], strict=True)])
+                        if theirs["peak_bytes"] > 0:
+                            mem = mine["peak_bytes"] / theirs["peak_bytes"]
+                    row += ([f"{fmt(speed, 2, '×')} ({fmt(speed_cpu, 2, '×')})",
+                             fmt(mem, 2, "×")] if lib in ours else ["", ""])
+                    if peer != "nanodrr":
+                        continue
+                    backend = lib.removeprefix("prostlab-")
+                    case = f"{name} {pixels}² {pose_name} {mode} {lib}"
+                    goal = SPEED_TARGETS.get(backend, {}).get(mode)
+                    if goal is not None and speed is not None:
+                        verdicts.append((case, "speed", f"{speed:.2f}× (cpu {speed_cpu:.2f}×)",
+                                         f"≥ {goal:g}×", speed >= goal))
+                    goal = MEMORY_TARGETS.get(backend)
+                    if goal is not None and mem is not None:
+                        verdicts.append((case, "memory", f"{mem:.2f}×", f"≤ {goal:g}×",
+                                         mem <= goal))
+                rows.append(row)
 
-    ncc_headers = ["detector", "pose", "prostlab samples", "per ray: mean / max",
+    others = [lib for lib in ran if lib != ours[0]]
+    ncc_headers = ["volume", "detector", "pose", "prostlab samples", "per ray: mean / max",
                    "peers' samples per ray"]
-    for lib in peers:
-        ncc_headers += [f"NCC {lib}", f"mean {lib} / prostlab - 1"]
+    for lib in others:
+        ncc_headers += [f"NCC {lib}", f"mean {lib} / {ours[0]} - 1"]
     ncc_rows = []
-    for (pixels, pose_name), c in counts.items():
-        row = [f"{pixels}²", pose_name, f"{c['total']:,}", f"{c['mean']:.1f} / {c['max']}",
+    for (name, pixels, pose_name), c in counts.items():
+        row = [name, f"{pixels}²", pose_name, f"{c['total']:,}", f"{c['mean']:.1f} / {c['max']}",
                f"{c['n_peer']} ({c['n_peer'] * c['rays']:,} in all)"]
-        for lib in peers:
-            chk = checks[pixels, pose_name].get(lib)
-            row += ([f"{chk['ncc']:.6f}", f"{100 * chk['mean_rel']:+.2f}%"] if chk
-                    else [status.get(lib) or "—", "—"])
+        for lib in others:
+            chk = checks[name, pixels, pose_name].get(lib)
+            row += [f"{chk['ncc']:.6f}", f"{100 * chk['mean_rel']:+.2f}%"] if chk else ["—", "—"]
+            if chk and lib in peers:
+                verdicts.append((f"{name} {pixels}² {pose_name} image", f"NCC {lib}",
+                                 f"{chk['ncc']:.6f}", f"≥ {NCC_TARGET}",
+                                 chk["ncc"] >= NCC_TARGET))
         ncc_rows.append(row)
 
     short = sorted({r["repeats"] for r in results.values()
-                    if r.get("repeats", repeats) < repeats})
+                    if r.get("repeats", run["repeats"]) < run["repeats"]})
     few = ("every case ran all" if not short else "some cases ran "
            + ", ".join(str(n) for n in short))
     threads = args.threads or facts["torch_threads"]
@@ -649,53 +913,77 @@ def render_report(facts, dirty, source, command, warmup, repeats, budget, counts
                    "(VmHWM reset via /proc/self/clear_refs)" if exact == {True}
                    else "ru_maxrss after the call minus the RSS before it (VmHWM could not be "
                    "reset: an over-estimate if set-up peaked higher)")
-    versions = ", ".join(f"{lib} {package_version(PEER_PACKAGES[lib]) or 'not installed'}"
-                         for lib in peers)
+    versions = "; ".join(
+        f"{lib} {package_version(PEER_PACKAGES[lib])}" if status[lib] is None
+        else f"{lib} {status[lib]}" for lib in libs if lib in PEER_PACKAGES) or "none asked for"
+    not_run = [f"{lib} {status[lib]}" for lib in libs
+               if lib.startswith("prostlab-") and status[lib] is not None]
+    probe_text = "; ".join(
+        f"{when}: triad {b['triad_gbs']:.1f} GB/s, copy {b['copy_gbs']:.1f} GB/s"
+        if "triad_gbs" in b else f"{when}: {b.get('error')}"
+        for when, b in zip(("start", "end"), run["bandwidth"], strict=False))
+    volume_lines = [
+        f"  - {name}: {vol['description']}; {vol['volume'][0, 0].numel() * 4 / 2 ** 20:.0f} MiB "
+        "as float32" for name, vol in volumes.items()]
+    volume_lines += [f"  - {name}: skipped, {why}" for name, why in skipped.items()]
+    dirty = run["dirty"]
     lines = [
-        "## Projector, CPU (torch backend)",
+        "## Projector, CPU: " + ", ".join(f"`{lib}`" for lib in ours) + " beside "
+        + (", ".join(peers) or "no peer"),
         "",
         f"- date: {facts['date']}",
-        f"- machine: {facts['cpu']}, {facts['cores']} cores; torch {facts['torch']} with "
-        f"{threads} thread{'' if threads == 1 else 's'}"
+        f"- machine: {facts['cpu']}, {facts['cores']} cores, {facts['cache']}; torch "
+        f"{facts['torch']} with {threads} thread{'' if threads == 1 else 's'}"
         + (" (--threads)" if args.threads else " (its default)")
         + f"; Python {facts['python']}",
         f"- commit: {facts['commit']}"
-        + (" (uncommitted changes to "
-           + ", ".join(Path(f).relative_to("src/prostlab/projector").as_posix() for f in dirty)
-           + " under src/prostlab/projector)" if dirty else
-           " (src/prostlab/projector as committed)")
-        + f"; prostlab backend {args.backend!r}, max_samples "
+        + (" (uncommitted changes to " + ", ".join(dirty) + ")" if dirty else
+           " (src/prostlab/projector and kernels/ as committed)")
+        + "; max_samples "
         + (f"{args.max_samples}" if args.max_samples else
            f"{default_max_samples()} (the Projector's default)"),
-        f"- command: `{command}` ({elapsed / 60:.1f} min)",
-        f"- peers: {versions}",
-        f"- volume: {source}; camera: sdd {SDD:g} mm, sid {SID:g} mm, detector 373.8 mm square "
-        f"(128² at 2.92 mm, 256² at 1.46 mm); prostlab step {STEP} mm; batch of 1 pose",
-        f"- time: median wall-clock ms (time.perf_counter) of up to {repeats} calls after "
-        f"{warmup} warm-up (fewer rounds, at least 1, where they would not fit in {budget:g} s: "
-        f"{few}); the three libraries run in one fresh process per case, round-robin (each "
-        "round calls each library once, in a rotating order), so load from other jobs falls on "
-        "all alike. In brackets: the median CPU time of the process (all threads) per call; "
-        "with n threads and no other load, cpu is up to n × wall",
-        f"- load average (1 / 5 / 15 min) at the start: {loads[0]}, at the end: {loads[1]}",
+        f"- command: `{run['command']}` ({run['elapsed'] / 60:.1f} min)",
+        f"- peers: {versions}" + (f"; not run: {', '.join(not_run)}" if not_run else ""),
+        "- volumes (the identity pose is an AP view of each, see `ap_view`):",
+        *volume_lines,
+        f"- camera: sdd {SDD:g} mm, sid {SID:g} mm, detector 373.8 mm square ("
+        + ", ".join(f"{n}² at {px:g} mm" for n, px in DETECTORS.items() if n in args.detectors)
+        + f"); prostlab step {STEP} mm; batch of 1 pose",
+        f"- time: median wall-clock ms (time.perf_counter) of up to {run['repeats']} calls after "
+        f"{run['warmup']} warm-up (fewer rounds, at least 1, where they would not fit in "
+        f"{run['budget']:g} s: {few}); all libraries of a case run in one fresh process, "
+        "round-robin (each round calls each library once, in a rotating order), so load from "
+        "other jobs falls on all alike. In brackets: the median CPU time of the process (all "
+        "threads) per call; with n threads and no other load, cpu is up to n × wall",
+        f"- load average (1 / 5 / 15 min) at the start: {run['loads'][0]}, at the end: "
+        f"{run['loads'][1]}",
         f"- memory: {memory_note}; one call, in a fresh process per case and library",
+        f"- memory bandwidth ({probe_text}): STREAM-like, three float32 arrays of "
+        f"{STREAM_BYTES / 2 ** 20:.0f} MiB each, on the same thread count, median of 10; "
+        f"the limit used below is the higher triad, {fmt(limit, 1)} GB/s",
+        "- Msamples/s = prostlab's trilinear samples per image (the same for every library: the "
+        "peers take as many) / median wall time, for every pass; gather GB/s = Msamples/s × "
+        "the bytes a pass reads or writes per sample ("
+        + ", ".join(f"{m} {b} B" for m, b in BYTES_PER_SAMPLE.items() if m in args.passes)
+        + ": 8 float32 corners per volume sweep, no cache reuse counted; module docstring); "
+        "of bandwidth = gather GB/s / the limit (above 100%: caches serve the reuse)",
         "- speed vs peer = median over rounds of peer ms / prostlab ms, wall (cpu) (above 1: "
         "prostlab is faster); memory vs peer = prostlab peak / peer peak (below 1: prostlab "
-        "uses less); Msamples/s = prostlab's trilinear samples per image / median wall time, "
-        "for every pass",
+        "uses less)",
         "",
         markdown_table(headers, rows),
         "",
         "Image agreement (forward DRRs, same volume, camera, pose and sample count; NCC over the "
-        "whole image):",
+        f"whole image, against `{ours[0]}`):",
         "",
         markdown_table(ncc_headers, ncc_rows),
     ]
     if verdicts:
-        lines += ["", "Targets against nanodrr's torch backend (forward ≥ 3×, forward+backward "
-                  "≥ 2× faster; peak memory ≤ 0.5×):", ""]
-        for pixels, pose_name, mode, kind, value, goal, met in verdicts:
-            lines.append(f"- {pixels}² {pose_name} {mode} {kind}: {value} (target {goal}) — "
+        lines += ["", "Targets of issue 12 against nanodrr's torch backend (`cpu`: forward and "
+                  "forward+backward ≥ 3× faster, peak memory ≤ 0.5×; `torch`: ≥ 1×) and images "
+                  f"(NCC ≥ {NCC_TARGET}):", ""]
+        for case, kind, value, goal, met in verdicts:
+            lines.append(f"- {case} {kind}: {value} (target {goal}) — "
                          f"{'met' if met else 'NOT met'}")
     return "\n".join(lines)
 
