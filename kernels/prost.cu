@@ -39,7 +39,9 @@ __device__ __forceinline__ void forward_body(const Launch<T>& L) {
   const Ray<T> ray = make_ray(L, b, p);
   for (int c0 = 0; c0 < L.C; c0 += kChannelTile) {
     T acc[kChannelTile] = {};
+    const T* ahead = L.vol + L.channel_offset(b, c0);
     for (int k = 0; k < ray.count; ++k) {
+      prefetch_cell(ray, ray.k_first + k + kPrefetchDistance, L, ahead, false);
       const T tau = T(ray.k_first + k) * L.step;
       const Cell<T> cell(ray, tau, L);
       const Weights<T> wt(cell.f);
@@ -68,7 +70,9 @@ __device__ __forceinline__ void jvp_body(const Launch<T>& L) {
   const Velocity<T> vel(L.dM + 12 * (long long)b, ray.d);
   for (int c0 = 0; c0 < L.C; c0 += kChannelTile) {
     T acc[kChannelTile] = {};
+    const T* ahead = L.vol + L.channel_offset(b, c0);
     for (int k = 0; k < ray.count; ++k) {
+      prefetch_cell(ray, ray.k_first + k + kPrefetchDistance, L, ahead, false);
       const T tau = T(ray.k_first + k) * L.step;
       const Cell<T> cell(ray, tau, L);
       const Weights<T> wt(cell.f);
@@ -107,6 +111,9 @@ __device__ __forceinline__ void vjp_body(const Launch<T>& L) {
     for (int a = 0; a < 3; ++a) S0[a] = S1[a] = ray.poison;  // non-finite geometry: NaN gM
     const Velocity<T> vel(second_order ? L.dM + 12 * (long long)b : L.M, ray.d);
     for (int k = 0; k < ray.count; ++k) {
+      const long long next = ray.k_first + k + kPrefetchDistance;
+      if (L.need_M) prefetch_cell(ray, next, L, L.vol + L.channel_offset(b, 0), false);
+      if (L.need_vol) prefetch_cell(ray, next, L, L.gvol + L.channel_offset(b, 0), true);
       const T tau = T(ray.k_first + k) * L.step;
       const Cell<T> cell(ray, tau, L);
       const Weights<T> wt(cell.f);
@@ -158,12 +165,12 @@ __device__ __forceinline__ void vjp_body(const Launch<T>& L) {
       const T *__restrict__ dirs, const T *__restrict__ lengths, const T *__restrict__ g,   \
       T *__restrict__ out, T *__restrict__ gvol, T *__restrict__ gM, int B, int P, int C,   \
       int vol_batched, int D, int H, int W, T inv_s0, T inv_s1, T inv_s2, T h0, T h1, T h2, \
-      T step, int need_vol, int need_M
+      T step, int need_vol, int need_M, int brick_shift
 
 #define PROST_LAUNCH(T)                                                           \
   prost::Launch<T> {                                                              \
     vol, M, dM, dirs, lengths, g, out, gvol, gM, B, P, C, vol_batched, {D, H, W}, \
-        {inv_s0, inv_s1, inv_s2}, {h0, h1, h2}, step, need_vol, need_M           \
+        {inv_s0, inv_s1, inv_s2}, {h0, h1, h2}, step, need_vol, need_M, brick_shift \
   }
 
 #define PROST_KERNEL(name, T, ...)                                            \

@@ -39,6 +39,7 @@ class CpuKernelBackend(HostKernelBackend):
 
     name = "cpu"
     variant = "cpu"
+    brick_shift = 3  # 8^3 bricks of 2 KiB (float32): bench/RESULTS.md, "real-size volumes"
 
     def __init__(self, directory: Path | None = None):
         super().__init__(directory)

@@ -28,6 +28,7 @@ import threading
 import torch
 
 from prostlab.errors import ProstlabError
+from prostlab.projector.backends.bricks import cached_bricks
 from prostlab.projector.rays import RayBundle
 
 BLOCK = 128
@@ -59,6 +60,11 @@ class KernelBackend:
     """
 
     name = "kernels"
+    brick_shift = 0
+    """Bricks of ``2^brick_shift`` voxels a side for volumes that a launch only reads (0: the
+    linear layout always; :mod:`~prostlab.projector.backends.bricks`)."""
+    brick_min_voxels = 1 << 22
+    """Volumes of fewer voxels per channel stay linear: they fit in the caches as they are."""
 
     # ----------------------------------------------------------------------------- primitives
     def forward(self, rays: RayBundle, vol: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -102,11 +108,21 @@ class KernelBackend:
             raise ProstlabError(f"pose batch: expected at most {_MAX_GRID_Y} poses, got {batch}")
         suffix = {torch.float32: "f32", torch.float64: "f64"}[vol.dtype]
         grid = (math.ceil(n_rays / BLOCK), batch, 1)
-        args = self._arguments(rays, vol, M, dM, g, out, gvol, gM)
+        shift = self._layout(rays, gvol)
+        if shift:
+            vol = cached_bricks(vol, shift)
+        args = self._arguments(rays, vol, M, dM, g, out, gvol, gM, shift)
         self._launch(f"prost_{primitive}_{suffix}", grid, (BLOCK, 1, 1), args, vol)
 
+    def _layout(self, rays: RayBundle, gvol: torch.Tensor | None) -> int:
+        """The brick shift of a launch: :attr:`brick_shift` for a large volume that the launch
+        does not differentiate (the volume gradient is written in the linear layout), else 0."""
+        if gvol is not None or math.prod(rays.grid) < self.brick_min_voxels:
+            return 0
+        return self.brick_shift
+
     @staticmethod
-    def _arguments(rays, vol, M, dM, g, out, gvol, gM):
+    def _arguments(rays, vol, M, dM, g, out, gvol, gM, brick_shift: int = 0):
         """The kernels' common parameter list (prost.cu, ``PROST_PARAMS``)."""
         dirs = rays.directions.to(vol.dtype).contiguous()
         lengths = rays.lengths.to(vol.dtype).contiguous()
@@ -115,7 +131,7 @@ class KernelBackend:
             M.shape[0], dirs.shape[0], vol.shape[1], int(vol.shape[0] > 1), *rays.grid,
         )
         reals = (*(1.0 / s for s in rays.spacing), *rays.half_support, rays.step)
-        flags = (int(gvol is not None), int(gM is not None))
+        flags = (int(gvol is not None), int(gM is not None), int(brick_shift))
         return (
             [("ptr", t) for t in pointers]
             + [("int", int(n)) for n in ints]

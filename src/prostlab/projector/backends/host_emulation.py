@@ -43,7 +43,8 @@ CXXFLAGS = (
 VARIANTS = {
     "emulation": CXXFLAGS,
     "cpu": (
-        "-x", "c++", "-std=c++17", "-O3", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off",
+        "-x", "c++", "-std=c++17", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
+        "-ffp-contract=off",
         "-Wall", "-Wextra", "-Wno-unknown-pragmas",
     ),
 }

@@ -1,0 +1,60 @@
+"""The kernels' bricked volume layout (prostlab.projector.backends.bricks, prost_common.cuh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prostlab.projector.backends.bricks import cached_bricks, clear_brick_cache, to_bricks
+from prostlab.projector.backends.cpu_kernels import CpuKernelBackend, cpu_kernels_available
+from prostlab.projector.backends.torch_backend import TorchBackend
+from test_cuda_kernels import TOLERANCE, camera_case, compare_primitives
+
+
+@pytest.mark.parametrize("shift", [1, 2, 3])
+def test_to_bricks_puts_each_voxel_where_the_kernels_read_it(shift):
+    """Voxel (i, j, k) at sum_a (i_a >> b) B_a + (i_a & (e - 1)) e^(2 - a) (prost_common.cuh)."""
+    shape = (11, 6, 17)
+    vol = torch.arange(2 * 3 * 11 * 6 * 17, dtype=torch.float64).reshape(2, 3, *shape)
+    bricks = to_bricks(vol, shift)
+    e = 1 << shift
+    nb = [(n + e - 1) // e for n in shape]
+    assert bricks.shape == (2, 3, nb[0] * nb[1] * nb[2] * e**3)
+    index = torch.stack(torch.meshgrid(*(torch.arange(n) for n in shape), indexing="ij"))
+    brick = ((index[0] >> shift) * nb[1] + (index[1] >> shift)) * nb[2] + (index[2] >> shift)
+    local = ((index[0] & (e - 1)) * e + (index[1] & (e - 1))) * e + (index[2] & (e - 1))
+    where = (brick * e**3 + local).flatten()
+    torch.testing.assert_close(bricks[..., where], vol.flatten(2), rtol=0, atol=0)
+    padding = torch.ones(bricks.shape[-1], dtype=torch.bool)
+    padding[where] = False
+    assert bool((bricks[..., padding] == 0).all())
+
+
+def test_the_cache_serves_the_same_volume_and_notices_changes():
+    clear_brick_cache()
+    vol = torch.rand(1, 1, 9, 9, 9)
+    first = cached_bricks(vol, 3)
+    assert cached_bricks(vol.detach(), 3) is first  # the same storage and version
+    vol.mul_(2.0)  # in place: the version counter moves on
+    second = cached_bricks(vol, 3)
+    assert second is not first
+    torch.testing.assert_close(second, to_bricks(vol, 3))
+    other = vol.clone()
+    assert cached_bricks(other, 3) is not second
+    clear_brick_cache()
+
+
+@pytest.mark.skipif(not cpu_kernels_available(), reason="cpu kernels do not build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("scenario", ["centred", "face", "miss"])
+@pytest.mark.parametrize("shift", [1, 2, 3])
+def test_bricked_kernels_match_torch(scenario, shift, dtype):
+    """Every primitive that only reads the volume reads it bricked (need_vol=False), the others
+    linearly; both against the torch reference."""
+    backend = CpuKernelBackend()
+    backend.brick_shift, backend.brick_min_voxels = shift, 0
+    clear_brick_cache()
+    rays, vol, M, dM, g = camera_case(scenario, dtype, 2, 3)
+    compare_primitives(backend, TorchBackend(), rays, vol, M, dM, g, TOLERANCE[dtype])
+    assert backend._layout(rays, None) == shift and backend._layout(rays, vol) == 0
+    clear_brick_cache()
