@@ -10,7 +10,8 @@ starts (:func:`~prostlab.registration.register` takes ``(B, S, 6)`` initial pose
    ``-r, ..., 0, ..., r`` in steps of ``rotation_step_deg``, times depths ``t_z = t_0z + d`` with
    ``d`` on ``-z, ..., z`` in steps of ``depth_step_mm``.
 2. **In-plane translation for free.** Each grid pose is rendered once at the coarse level
-   (:mod:`~prostlab.registration.levels`). The shift of the DRR over the target that maximises
+   (:mod:`~prostlab.registration.levels`: by default a detector of about 32 pixels across and the
+   volume pooled by 2). The shift of the DRR over the target that maximises
    their correlation is found for all shifts at once, by FFT: with ``T`` and ``D`` the target and
    the DRR, each standardised (zero mean, unit variance; ``T`` over the mask) and zero-padded to
    twice the size, ``c(s) = IFFT(FFT(T) conj(FFT(D)))(s) / N = sum_x T(x + s) D(x) / N``. A shift
@@ -53,7 +54,11 @@ class SearchSpace:
         depth_mm: half-range of the translation along the beam, mm.
         depth_step_mm: grid step along the beam, mm.
         shift_mm: largest in-plane translation from the start, mm (isocentre frame).
-        detector_scale: the coarse detector, a fraction of the full one (see ``Stage``).
+        detector_scale: the coarse detector, a fraction of the full one (see ``Stage``); None:
+            the coarsest whole-pixel one that keeps at least ``detector_pixels`` along its longer
+            side (:meth:`scale_for`).
+        detector_pixels: the coarse detector's longer side, at least, when ``detector_scale`` is
+            None: the correlation needs the anatomy's outline, which 32 pixels still show.
         volume_downsample: the coarse volume's pooling factor.
         rescore: poses rescored by the caller's objective.
         keep: starts returned.
@@ -65,7 +70,8 @@ class SearchSpace:
     depth_mm: float = 100.0
     depth_step_mm: float = 50.0
     shift_mm: float = 100.0
-    detector_scale: float = 0.25
+    detector_scale: float | None = None
+    detector_pixels: int = 32
     volume_downsample: int = 2
     rescore: int = 32
     keep: int = 4
@@ -78,15 +84,28 @@ class SearchSpace:
                 raise ProstlabError(f"search.{name}: expected a finite number >= 0, got {value}")
         for name in ("rotation_step_deg", "depth_step_mm", "detector_scale"):
             value = getattr(self, name)
+            if name == "detector_scale" and value is None:
+                continue
             if not (math.isfinite(value) and value > 0):
                 raise ProstlabError(f"search.{name}: expected a positive number, got {value}")
-        for name in ("volume_downsample", "rescore", "keep", "batch"):
+        for name in ("volume_downsample", "rescore", "keep", "batch", "detector_pixels"):
             if int(getattr(self, name)) < 1:
                 raise ProstlabError(f"search.{name}: expected a positive integer, got "
                                     f"{getattr(self, name)}")
         if self.keep > self.rescore:
             raise ProstlabError(f"search.keep: expected at most search.rescore = {self.rescore}, "
                                 f"got {self.keep}")
+
+    def scale_for(self, height: int, width: int) -> float:
+        """``detector_scale``, or ``1 / f`` for the largest divisor ``f`` of both sides with
+        ``max(height, width) / f >= detector_pixels`` (1 for a detector smaller than that)."""
+        if self.detector_scale is not None:
+            return self.detector_scale
+        common = math.gcd(height, width)
+        factor = max(f for f in range(1, common + 1)
+                     if common % f == 0 and max(height, width) / f >= min(self.detector_pixels,
+                                                                          max(height, width)))
+        return 1.0 / factor
 
     def grid(self) -> Tensor:
         """``(N, 4)`` float64: rotation offsets (rad, body frame) and depth offsets (mm)."""
@@ -182,8 +201,10 @@ def coarse_search(
     if target.ndim != 4 or target.shape[:2] != (1, 1):
         raise ProstlabError(f"target: expected shape (1, 1, h, w), got {tuple(target.shape)}")
     weight = torch.ones_like(target) if mask is None else mask.to(target.dtype)
+    camera = projector.camera
     level = build_level(projector, spacing, target, volume, None, weight,
-                        space.detector_scale, space.volume_downsample, where="search")
+                        space.scale_for(camera.height, camera.width), space.volume_downsample,
+                        where="search")
     camera = level.projector.camera
     dv, du = camera.pixel_spacing
     depth = camera.sid + float(start[0, 5])
