@@ -296,3 +296,14 @@ def test_figures_are_written(rows, tmp_path):
         save_registration_gif(frames, blob(8), tmp_path / "z.gif", titles=titles[:2])
     with pytest.raises(ProstlabError, match="frames"):
         save_registration_gif(frames[:, :8], blob(8), tmp_path / "z.gif")
+
+
+def test_overlay_is_grey_for_images_that_differ_by_scale_and_offset():
+    """A DRR and an X-ray related by I' = a I + b (what NCC ignores) overlay as pure grey."""
+    from prostlab.viz.panels import overlay
+
+    image = torch.rand(16, 16, generator=torch.Generator().manual_seed(0))
+    rgb = overlay(image, 3.0 * image + 7.0)
+    np.testing.assert_allclose(rgb[..., 0], rgb[..., 1], atol=1e-6)
+    misaligned = overlay(image, torch.roll(image, 4, dims=1))
+    assert np.abs(misaligned[..., 0] - misaligned[..., 1]).mean() > 0.05
