@@ -150,6 +150,8 @@ def _refused(args: list[str], capsys) -> str:
         (["--detector", "0", "64"], "detector"),
         (["--search", "--search-rotation-deg", "-5"], "search.rotation_deg"),
         (["--sid", "2000"], "sid"),
+        (["--bones", "pelvis"], "--bones: .* is a prepared folder"),
+        (["--search-depth-mm", "40"], "--search-depth-mm: .* expected --search too"),
     ],
 )
 def test_register_refuses_bad_settings_in_one_line_and_writes_nothing(xray, tmp_path, capsys,
@@ -187,3 +189,28 @@ def test_named_views_point_the_beam_as_documented():
     assert beam("pa") == [0.0, 0.0, -1.0]
     assert beam("lateral") == [1.0, 0.0, 0.0]
     assert beam("right-lateral") == [-1.0, 0.0, 0.0]
+
+
+def test_register_refuses_a_ct_that_is_not_in_hounsfield_units(xray, tmp_path, capsys):
+    attenuation = example_path() / "ct_mu.nii.gz"
+    out = tmp_path / "reg"
+    line = _refused(["register", "--xray", str(xray), "--ct", str(attenuation),
+                     "--out", str(out)], capsys)
+    assert line.startswith(f"prostlab register: error: --ct {attenuation}: values span 0 to")
+    assert "expected a CT in Hounsfield units" in line
+    assert not out.exists()
+
+
+def test_a_wrong_intensity_sign_ends_with_a_warning_not_silence(xray, tmp_path, capsys):
+    """--sign -1 on a file whose values grow with the intensity turns bone into air: the pose is
+    wrong, and the command says so (stdout and pose.json) although the optimiser converged."""
+    out = tmp_path / "reg"
+    code = main(["register", "--xray", str(xray), "--ct", str(example_path()), "--out", str(out),
+                 *FAST, "--sign", "-1", *_init_flags(_start(10.0, 30.0))])
+    assert code == 0
+    assert "warning: the final NCC is" in capsys.readouterr().out
+    report, _ = _registered(out)
+    assert report["warnings"] and report["similarity"]["ncc"] < 0.6
+    assert report["settings"]["sign"] == -1 and report["command"][:4] == [
+        "prostlab", "register", "--xray", str(xray)]
+

@@ -98,22 +98,34 @@ def _render_into(out: Path, args: argparse.Namespace) -> None:
 def _register(args: argparse.Namespace) -> None:
     from prostlab.outputs import output_folder, remove_stale
     from prostlab.registration.search import SearchSpace
-    from prostlab.xray.register import RegisterSettings, prepare_problem, run, write_outputs
+    from prostlab.xray.register import (
+        OUTPUT_FILES,
+        RegisterSettings,
+        prepare_problem,
+        run,
+        write_outputs,
+    )
 
     camera = {k: getattr(args, k) for k in ("sdd", "sid") if getattr(args, k) is not None}
     if args.pixel_spacing is not None:
         camera["pixel_spacing"] = tuple(args.pixel_spacing)
+    search = {key: getattr(args, f"search_{key}") for key in ("rotation_deg", "depth_mm",
+                                                              "shift_mm")}
+    given = [key for key, value in search.items() if value is not None]
+    if given and not args.search:
+        raise ProstlabError(f"--search-{given[0].replace('_', '-')}: sets the coarse search, "
+                            "which runs only with --search; expected --search too")
     settings = RegisterSettings(
         xray=Path(args.xray), ct=Path(args.ct), out=Path(args.out),
         labels=None if args.labels is None else Path(args.labels), bones=args.bones,
         init=args.init, init_view=args.init_view, search=args.search,
-        search_space=SearchSpace(rotation_deg=args.search_rotation_deg,
-                                 depth_mm=args.search_depth_mm, shift_mm=args.search_shift_mm),
+        search_space=SearchSpace(**{k: v for k, v in search.items() if v is not None}),
         method=args.method, ckpt_path=None if args.ckpt_path is None else Path(args.ckpt_path),
         config=None if args.config is None else Path(args.config),
         detector=None if args.detector is None else tuple(args.detector), step=args.step,
-        downsample=args.downsample, camera=camera, i0=args.i0, backend=args.backend,
-        device=args.device, overwrite=args.overwrite,
+        downsample=args.downsample, camera=camera, i0=args.i0,
+        relationship=args.relationship, sign=args.sign, backend=args.backend,
+        device=args.device, overwrite=args.overwrite, command=["prostlab", *args.argv],
     )
     with output_folder(args.out, args.overwrite) as out:
         problem = prepare_problem(settings)
@@ -123,16 +135,18 @@ def _register(args: argparse.Namespace) -> None:
             registration = run(problem, settings.search_space, settings.search, progress)
         written = write_outputs(out, problem, registration, settings)
         if args.overwrite:
-            remove_stale(out, ["pose.json", "trajectory.csv", "overlay.png", "registration.gif",
-                               "xray.png", "drr.png"], keep=written)
+            remove_stale(out, list(OUTPUT_FILES), keep=written)
     pose = registration.final
     angles = ", ".join(f"{float(a):.2f}" for a in pose[:3].rad2deg())
     shift = ", ".join(f"{float(t):.1f}" for t in pose[3:])
-    print(f"registered {args.xray} to {args.ct} ({args.method}, "
-          f"{registration.result.records[0].n_iterations} iterations): rotation ({angles}) deg, "
-          f"translation ({shift}) mm")
+    record = registration.result.records[0]
+    print(f"registered {args.xray} to {args.ct} ({args.method}, {record.n_iterations} "
+          f"iterations, optimiser {record.status}): rotation vector ({angles}) deg, translation "
+          f"({shift}) mm")
     for name, value in registration.similarities.items():
         print(f"  {name}: {value:.4f}")
+    for warning in registration.warnings:
+        print(f"  warning: {warning}")
     print(f"wrote {', '.join(p.name for p in written)} to {out}/")
 
 
@@ -282,7 +296,8 @@ def _register_parser(sub) -> None:
     reg.add_argument("--ct", required=True,
                      help="a `prostlab prepare` folder, or a CT in HU (NIfTI or DICOM series)")
     reg.add_argument("--labels", help="label map of a raw --ct (the network needs the bones)")
-    reg.add_argument("--bones", default="bones", help="bone selection when preparing --ct")
+    reg.add_argument("--bones",
+                     help="bone selection when preparing a raw --ct (default: bones)")
     start = reg.add_mutually_exclusive_group()
     start.add_argument("--init", type=float, nargs=6,
                        metavar=("RX_DEG", "RY_DEG", "RZ_DEG", "TX_MM", "TY_MM", "TZ_MM"),
@@ -292,11 +307,11 @@ def _register_parser(sub) -> None:
     reg.add_argument("--search", action="store_true",
                      help="scan poses around the start at low resolution; the best go to the "
                      "registration as starts")
-    reg.add_argument("--search-rotation-deg", type=float, default=30.0,
+    reg.add_argument("--search-rotation-deg", type=float,
                      help="--search: half-range of each rotation component, deg (default 30)")
-    reg.add_argument("--search-depth-mm", type=float, default=100.0,
+    reg.add_argument("--search-depth-mm", type=float,
                      help="--search: half-range along the beam, mm (default 100)")
-    reg.add_argument("--search-shift-mm", type=float, default=100.0,
+    reg.add_argument("--search-shift-mm", type=float,
                      help="--search: largest in-plane shift, mm (default 100)")
     reg.add_argument("--method", default="mncc",
                      help="registration preset or schedule YAML (default mncc; net methods "
@@ -317,6 +332,13 @@ def _register_parser(sub) -> None:
     reg.add_argument("--pixel-spacing", type=float, nargs=2, metavar=("ROW_MM", "COLUMN_MM"),
                      help="the X-ray's pixel size at the detector, mm")
     reg.add_argument("--i0", type=float, help="unattenuated intensity (default: estimated)")
+    reg.add_argument("--sign", type=int, choices=(1, -1),
+                     help="1: the X-ray's values grow with the beam intensity (raw detector data, "
+                     "air bright); -1: they fall with it (bone bright, as most displayed PNGs); "
+                     "default: the DICOM's tags, or 1 for an image file")
+    reg.add_argument("--relationship", choices=("lin", "log"),
+                     help="the values are linear in the intensity, or its logarithm (default: "
+                     "the DICOM's PixelIntensityRelationship, or lin for an image file)")
     reg.add_argument("--backend", default="auto", choices=("auto", "torch", "cupy", "cpu"))
     reg.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     reg.add_argument("--out", required=True, help="output folder")
@@ -356,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     args = _parser().parse_args(argv)
+    args.argv = argv
     try:
         args.run(args)
     except (ProstlabError, FileNotFoundError) as exc:

@@ -74,6 +74,25 @@ MAX_SOURCE_SPACING_MM = 20.0
 500 mm slice is a broken header, and would stretch the cube until the bones vanish."""
 
 
+MIN_HU_SPAN = 500.0
+"""Smallest range of values (max - min) accepted as a CT in Hounsfield units: any scan holds air
+(about -1000) or fat (about -100) beside soft tissue and bone (+40 to +2000); attenuation in 1/mm
+(0 to about 0.1) or a 0-1 normalised image spans far less."""
+
+
+def check_hounsfield(hu: np.ndarray, path: str | Path) -> None:
+    """Refuse a CT whose values cannot be Hounsfield units (they span less than
+    :data:`MIN_HU_SPAN`): an attenuation volume, a prepared ``ct_mu.nii.gz`` or a normalised
+    image would be mapped to air."""
+    low, high = float(np.min(hu)), float(np.max(hu))
+    if not high - low >= MIN_HU_SPAN:
+        raise ProstlabError(
+            f"{path}: values span {low:.4g} to {high:.4g}; expected a CT in Hounsfield units "
+            f"(air about -1000, bone above +200). An attenuation volume (1/mm) such as a "
+            f"prepared ct_mu.nii.gz is already prepared: pass its folder instead"
+        )
+
+
 def prepare_memory_bytes(size: int, source_shape: tuple[int, int, int] | None = None) -> int:
     """Bytes :func:`prepare_ct` needs at its peak, estimated before it allocates.
 
@@ -180,6 +199,7 @@ def _prepare(ct_path, labels_path, out, size, bones, structures_csv, side_mm, ce
             f"expected at most {MAX_SOURCE_SPACING_MM:g} mm along every axis (a CT's slices are "
             "0.3-10 mm): check the header's voxel size (pixdim, or the DICOM slice positions)"
         )
+    check_hounsfield(hu, ct_path)
     check_memory(prepare_memory_bytes(size, hu.shape), "cpu", f"size {size}: a {size}^3 cube")
     source_orientation = orientation_of(affine)
     source_shape = list(hu.shape)

@@ -89,8 +89,10 @@ def read_dicom_xray(path: str | Path) -> RawXRay:
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as error:
+        # pydicom's own advice ("use force=True") is for its API, not for this command's user.
+        reason = str(error).split(". Use force=True")[0].strip()
         raise ProstlabError(
-            f"{path}: not a readable DICOM file ({type(error).__name__}: {error}); expected a "
+            f"{path}: not a readable DICOM file ({type(error).__name__}: {reason}); expected a "
             "DICOM X-ray (DX, CR, XA, RF)"
         ) from error
     steps = []

@@ -22,6 +22,7 @@ The job, in order; every input is read and checked before anything is written:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -58,6 +59,13 @@ volume's centre at the isocentre."""
 
 DEFAULT_DETECTOR = (128, 128)
 DEFAULT_STEP_MM = 1.75
+LOW_NCC = 0.6
+"""A final NCC below this gets a warning: on a right pose, even real X-rays with soft tissue,
+scatter and devices the DRR lacks correlate better; a flipped intensity (``--sign``), a mirrored
+start or a CT of another patient typically do not (docs/xray.md, "Checking a registration")."""
+
+OUTPUT_FILES = ("pose.json", "trajectory.csv", "overlay.png", "registration.gif", "xray.png",
+                "drr.png")
 
 
 @dataclass
@@ -69,7 +77,8 @@ class RegisterSettings:
         ct: a ``prostlab prepare`` folder, or a CT (NIfTI or DICOM series) in HU.
         out: the output folder (new, or empty, or ``overwrite``).
         labels: the CT's label map, when ``ct`` is a raw CT (needed by the network).
-        bones: the bone selection when preparing (see ``prostlab prepare --bones``).
+        bones: the bone selection when preparing a raw CT (see ``prostlab prepare --bones``;
+            None: the config's ``data.bones``, else ``"bones"``).
         init: a start ``(rx, ry, rz, tx, ty, tz)``: rotation vector in degrees, mm.
         init_view: a named view of :data:`VIEWS`.
         search: scan around the start first (:mod:`prostlab.registration.search`).
@@ -83,16 +92,19 @@ class RegisterSettings:
         camera: camera values that replace or complete the X-ray's own (``sdd``, ``sid``,
             ``pixel_spacing``, ...).
         i0: the unattenuated intensity; None: estimated.
+        relationship: ``"lin"`` or ``"log"`` values, replacing the file's (None: the file's).
+        sign: ``+1`` (values grow with the beam intensity) or ``-1``, replacing the file's.
         backend: the projector backend.
         device: the torch device.
         overwrite: write into a non-empty ``out``.
+        command: the command line, recorded in ``pose.json``.
     """
 
     xray: Path
     ct: Path
     out: Path
     labels: Path | None = None
-    bones: str = "bones"
+    bones: str | None = None
     init: Sequence[float] | None = None
     init_view: str | None = None
     search: bool = False
@@ -105,9 +117,12 @@ class RegisterSettings:
     downsample: int | None = None
     camera: dict[str, Any] = field(default_factory=dict)
     i0: float | None = None
+    relationship: str | None = None
+    sign: int | None = None
     backend: str = "auto"
     device: str = "cpu"
     overwrite: bool = False
+    command: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -124,6 +139,7 @@ class Problem:
     net: Any
     start: Tensor  # (1, 6) float64
     notes: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)  # as resolved, for pose.json
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -192,9 +208,10 @@ def _prepared(settings: RegisterSettings, size: int = 128) -> PreparedCT:
     """The prepared CT: ``settings.ct`` itself, or the CT prepared into ``OUT/prepared``."""
     ct = Path(settings.ct)
     if ct.is_dir() and (ct / "meta.json").is_file():
-        if settings.labels is not None:
-            raise ProstlabError(f"--labels: {ct} is a prepared folder, which carries its own "
-                                "segmentation; expected --labels only with a raw CT")
+        for flag, value in (("--labels", settings.labels), ("--bones", settings.bones)):
+            if value is not None:
+                raise ProstlabError(f"{flag}: {ct} is a prepared folder, which carries its own "
+                                    f"segmentation; expected {flag} only with a raw CT")
         return load_prepared(ct)
     if not ct.exists():
         raise ProstlabError(f"--ct {ct}: no such file or folder; expected a `prostlab prepare` "
@@ -202,8 +219,12 @@ def _prepared(settings: RegisterSettings, size: int = 128) -> PreparedCT:
     if settings.labels is not None and not Path(settings.labels).exists():
         raise ProstlabError(f"--labels {settings.labels}: no such file or folder")
     folder = Path(settings.out) / "prepared"
-    prepare_ct(ct, settings.labels, folder, size=size, bones=settings.bones,
-               overwrite=settings.overwrite)
+    try:
+        prepare_ct(ct, settings.labels, folder, size=size, bones=settings.bones or "bones",
+                   overwrite=settings.overwrite)
+    except ProstlabError as error:
+        where = "--ct" if str(error).startswith(str(ct)) else f"--ct {ct}:"
+        raise ProstlabError(f"{where} {error}") from error
     return load_prepared(folder)
 
 
@@ -248,11 +269,11 @@ def prepare_problem(settings: RegisterSettings) -> Problem:
     downsample = int(_first(settings.downsample, defaults.get("downsample"), 1))
     if downsample < 1:
         raise ProstlabError(f"--downsample: expected a positive integer, got {downsample}")
-    if settings.labels is None and "bones" in defaults:
+    if settings.bones is None and settings.labels is not None and "bones" in defaults:
         settings.bones = defaults["bones"]
 
     xray = load_xray(settings.xray, detector=tuple(detector), camera=settings.camera or None,
-                     i0=settings.i0)
+                     i0=settings.i0, relationship=settings.relationship, sign=settings.sign)
     notes = list(xray.steps)
     if trained is not None:
         ratio = xray.camera.pixel_spacing[1] / xray.camera.magnification / (
@@ -289,7 +310,24 @@ def prepare_problem(settings: RegisterSettings) -> Problem:
         net=net,
         start=start,
         notes=notes,
+        settings={
+            "detector": list(detector), "step_mm": step, "downsample": downsample,
+            "method": settings.method, "schedule": schedule.to_config(),
+            "ckpt_path": _absolute(settings.ckpt_path), "config": _absolute(settings.config),
+            "init_deg_mm": None if settings.init is None else list(settings.init),
+            "init_view": settings.init_view, "search": settings.search,
+            "search_space": dataclasses.asdict(settings.search_space) if settings.search
+            else None,
+            "i0": settings.i0, "sign": settings.sign, "relationship": settings.relationship,
+            "camera_flags": {k: list(v) if isinstance(v, tuple) else v
+                             for k, v in settings.camera.items()},
+            "backend": settings.backend, "device": settings.device,
+        },
     )
+
+
+def _absolute(path: Path | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
 
 
 # --------------------------------------------------------------------------------- registering
@@ -306,12 +344,14 @@ class Registration:
         similarities: name -> value of the final whole-CT DRR against the X-ray (NCC,
             gradient-NCC and multiscale NCC, higher is better), and the method's own final
             objective value (lower is better).
+        warnings: what looks wrong (a final NCC below :data:`LOW_NCC`).
     """
 
     starts: Tensor
     result: Any
     final: Tensor
     similarities: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
 
 
 def _target(problem: Problem) -> tuple[Tensor, Tensor]:
@@ -354,8 +394,15 @@ def run(problem: Problem, search_space: SearchSpace | None = None, search: bool 
     if record.status == "failed":
         raise ProstlabError(f"registration failed: {record.message}")
     final = record.final_pose.detach().to(torch.float64).cpu()
-    return Registration(starts.cpu(), result, final, _similarities(problem, final, target, mask,
-                                                                    record.final_value))
+    similarities = _similarities(problem, final, target, mask, record.final_value)
+    warnings = []
+    if not similarities["ncc"] >= LOW_NCC:
+        warnings.append(
+            f"the final NCC is {similarities['ncc']:.3f}, below {LOW_NCC}: the pose is probably "
+            "wrong (\"converged\" only means the optimiser stopped). Check overlay.png, the "
+            "X-ray's sign (--sign -1 for an image where bone is bright), the start (--init-view, "
+            "--search) and that the CT is this patient's")
+    return Registration(starts.cpu(), result, final, similarities, warnings)
 
 
 def _similarities(problem: Problem, pose: Tensor, target: Tensor, mask: Tensor,
@@ -444,16 +491,21 @@ def write_outputs(out: Path, problem: Problem, registration: Registration,
     image = target[0, 0].cpu()
 
     report = {
-        "xray": str(settings.xray),
-        "ct": str(settings.ct),
+        "xray": _absolute(settings.xray),
+        "ct": _absolute(settings.ct),
+        "command": settings.command,
         "method": settings.method,
         "status": record.status,
+        "status_means": "how the optimiser stopped (converged: its value stopped changing; "
+                        "max_iterations: the cap); not whether the pose is right",
+        "warnings": registration.warnings,
         "iterations": record.n_iterations,
         "start": {"searched": settings.search, "starts": len(registration.starts),
                   "pose": {"rotation_vector_rad": initial[:3].tolist(),
                            "translation_mm": initial[3:].tolist()}},
         "similarity": registration.similarities,
         "preprocessing": problem.notes,
+        "settings": problem.settings,
         **pose_report(registration.final, problem.projector.camera, problem.prepared),
     }
     written = [write_text(out / "pose.json", json.dumps(report, indent=2) + "\n")]
