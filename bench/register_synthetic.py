@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--search", action="store_true", help="run the coarse search first")
     parser.add_argument("--out", default="bench/results/register/near")
     args = parser.parse_args()
+    facts = machine_facts()  # the commit that runs, not the one checked out when it ends
 
     moving = load_prepared(example_path())
     target_ct = load_prepared(args.target_ct) if args.target_ct else moving
@@ -130,7 +131,6 @@ def main() -> None:
         mine = [r for r in rows if r["method"] == method]
         table.append([method, f"{sum(r['final_mtre_mm'] < 2 for r in mine)}/{len(mine)}",
                       *(f"{statistics.median(r[k] for r in mine):.2f}" for k in keys)])
-    facts = machine_facts()
     command = "python bench/register_synthetic.py " + " ".join(sys.argv[1:])
     text = (f"# prostlab register on synthetic DICOM X-rays\n\n"
             f"{facts['date']}, {facts['cpu']} ({facts['cores']} cores), commit {facts['commit']}\n\n"
