@@ -1,11 +1,15 @@
 """GPU benchmark of prostlab's projector: the CUDA kernels (cupy backend) beside the torch backend
 on the same GPU, and nanodrr's Triton backend where it is installed.
 
-    python bench/projector_gpu.py [--quick] [--out bench/results/projector_gpu.md]
+    python bench/projector_gpu.py [--quick] [--cupy-bricks 3] [--out bench/results/projector_gpu.md]
 
 Geometry: ProST's pelvis camera (sdd 1020 mm, sid 620 mm, step 1.75 mm) with a 128^2 detector of
 2.92 mm pixels or a 256^2 one of 1.46 mm (the same 373.8 mm detector), and a synthetic phantom of
-128^3 voxels of 2.33 mm or 256^3 of 1.165 mm (the same 298 mm field of view). Poses are drawn
+128^3 voxels of 2.33 mm, 256^3 of 1.165 mm or 384^3 of 0.776 mm (the same 298 mm field of view;
+the last, 226 MB, is larger than any GPU's L2 cache, as a full-resolution CT is).
+``--cupy-bricks 3`` makes the CUDA kernels read volumes of 2^22 voxels or more in the bricked
+layout of 8^3 bricks (``KernelBackend.brick_shift``; the CPU build's default), to compare with
+the linear layout of a run without it. Poses are drawn
 about the identity as in ProST's training (rotations ~ N(0, 0.165 rad), shifts ~ N(0, 22 mm)).
 
 Passes, for batches of 1 and 32 poses (one volume shared by all poses):
@@ -32,7 +36,7 @@ from pathlib import Path
 
 SDD, SID, STEP = 1020.0, 620.0, 1.75
 DETECTORS = {128: 2.92, 256: 1.46}  # pixels -> pixel spacing (mm)
-VOLUMES = {128: 2.33, 256: 1.165}  # voxels per side -> voxel size (mm)
+VOLUMES = {128: 2.33, 256: 1.165, 384: 0.776}  # voxels per side -> voxel size (mm)
 BATCHES = (1, 32)
 PASSES = ("forward", "fwd+bwd", "train")
 LIBS = ("cupy", "torch", "nanodrr")
@@ -229,9 +233,15 @@ def main(argv=None) -> int:
     parser.add_argument("--time-limit", type=float, default=150.0,
                         help="seconds; cases not started by then are reported as skipped")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    parser.add_argument("--cupy-bricks", type=int, default=0,
+                        help="brick shift of the CUDA kernels' volume layout (0: linear)")
     args = parser.parse_args(argv)
 
     import torch
+
+    from prostlab.projector.backends.cupy_backend import CupyBackend
+
+    CupyBackend.brick_shift = args.cupy_bricks
 
     if not torch.cuda.is_available():
         print("projector_gpu: no CUDA device visible to torch; nothing to measure")
@@ -240,7 +250,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     budget = 0.25 if args.quick else 1.0
     status = {lib: library_status(lib) for lib in args.libs}
-    print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+          f"cupy volume layout: {f'bricks of 2^{args.cupy_bricks}' if args.cupy_bricks else 'linear'}")
     for lib, why in status.items():
         print(f"{lib}: {why or 'available'}")
 

@@ -8,7 +8,13 @@ import torch
 from prostlab.projector.backends.bricks import cached_bricks, clear_brick_cache, to_bricks
 from prostlab.projector.backends.cpu_kernels import CpuKernelBackend, cpu_kernels_available
 from prostlab.projector.backends.torch_backend import TorchBackend
-from test_cuda_kernels import TOLERANCE, camera_case, compare_primitives
+from test_cuda_kernels import (
+    TOLERANCE,
+    _to_cuda,
+    camera_case,
+    compare_primitives,
+    requires_gpu,
+)
 
 
 @pytest.mark.parametrize("shift", [1, 2, 3])
@@ -57,4 +63,24 @@ def test_bricked_kernels_match_torch(scenario, shift, dtype):
     rays, vol, M, dM, g = camera_case(scenario, dtype, 2, 3)
     compare_primitives(backend, TorchBackend(), rays, vol, M, dM, g, TOLERANCE[dtype])
     assert backend._layout(rays, None) == shift and backend._layout(rays, vol) == 0
+    clear_brick_cache()
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("scenario", ["centred", "face"])
+@pytest.mark.parametrize("shift", [1, 3])
+def test_bricked_cuda_kernels_match_torch(scenario, shift, dtype, monkeypatch):
+    """The same on the GPU: CupyBackend reading bricks (a class setting, as the GPU benchmark's
+    --cupy-bricks sets it) against the torch backend on the GPU."""
+    from prostlab.projector.backends.cupy_backend import CupyBackend
+
+    monkeypatch.setattr(CupyBackend, "brick_shift", shift)
+    monkeypatch.setattr(CupyBackend, "brick_min_voxels", 0)
+    clear_brick_cache()
+    rays, vol, M, dM, g = _to_cuda(*camera_case(scenario, dtype, 2, 3))
+    backend = CupyBackend()
+    compare_primitives(backend, TorchBackend(), rays, vol, M, dM, g, TOLERANCE[dtype])
+    assert backend._layout(rays, None) == shift
     clear_brick_cache()
