@@ -469,6 +469,13 @@ def pose_report(pose: Tensor, camera: Camera, prepared: PreparedCT) -> dict[str,
     return report
 
 
+def _dark_outside(image: Tensor, inside: Tensor) -> Tensor:
+    """``image`` with the pixels outside the field set to its minimum inside: the collimated
+    border is dark in the X-ray and the DRR alike, and two images related by ``a x + b``
+    (``a > 0``) stay so, so that their overlay is grey where they are aligned."""
+    return torch.where(inside, image, image[inside].min())
+
+
 def write_outputs(out: Path, problem: Problem, registration: Registration,
                   settings: RegisterSettings, max_frames: int = 60) -> list[Path]:
     """Write ``pose.json``, ``trajectory.csv``, ``overlay.png``, ``registration.gif``,
@@ -486,9 +493,10 @@ def write_outputs(out: Path, problem: Problem, registration: Registration,
     with torch.no_grad():
         poses = torch.cat((initial[None], registration.final[None],
                            record.poses[frames_at].to(torch.float64))).to(target)
-        # Masked like the X-ray, so that the collimated border is dark in both.
-        drrs = (problem.projector(problem.ct, problem.spacing, poses) * mask)[:, 0].cpu()
-    image = target[0, 0].cpu()
+        drrs = problem.projector(problem.ct, problem.spacing, poses)[:, 0].cpu()
+    inside = mask[0, 0].cpu() > 0
+    image = _dark_outside(target[0, 0].cpu(), inside)
+    drrs = torch.stack([_dark_outside(drr, inside) for drr in drrs])
 
     report = {
         "xray": _absolute(settings.xray),
