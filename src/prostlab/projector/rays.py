@@ -17,6 +17,7 @@ below the voxel size, e.g. ``1e-6`` mm, would otherwise run for hours).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,20 @@ MAX_SAMPLES_PER_RAY = 1 << 16
 a diagonal of 887 mm, so any step down to 0.014 mm fits; ProST's setting takes about 300."""
 
 
+@functools.lru_cache(maxsize=16)
+def morton_order(height: int, width: int) -> torch.Tensor:
+    """The row-major pixel indices ``(height * width,)`` of a detector sorted by Morton (Z)
+    code, the bits of the row and of the column interleaved: the order walks 2 x 2 tiles, then
+    4 x 4 tiles of them, and so on (rows and columns beyond a power of two fall at the end of
+    their tile's range, so every pixel still appears once)."""
+    row, col = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    code = torch.zeros(height * width, dtype=torch.int64)
+    for bit in range(max(height, width).bit_length()):
+        code |= ((row.reshape(-1) >> bit) & 1) << (2 * bit + 1)
+        code |= ((col.reshape(-1) >> bit) & 1) << (2 * bit)
+    return torch.argsort(code)
+
+
 @dataclass(frozen=True)
 class RayBundle:
     """Camera rays and the sampled volume's grid, fixed for one rendering call.
@@ -39,6 +54,8 @@ class RayBundle:
         spacing: voxel spacing (s_D, s_H, s_W), mm, in array-axis order.
         grid: the volume's array shape (D, H, W).
         step: distance between samples along a ray, mm.
+        detector: the detector's (height, width) when ``directions`` are its pixels row by row,
+            else ``None`` (any other set of rays).
     """
 
     directions: torch.Tensor
@@ -46,6 +63,7 @@ class RayBundle:
     spacing: tuple[float, float, float]
     grid: tuple[int, int, int]
     step: float
+    detector: tuple[int, int] | None = None
 
     @staticmethod
     def from_camera(camera, spacing, grid, step: float, dtype, device) -> RayBundle:
@@ -60,7 +78,23 @@ class RayBundle:
         check_samples_per_ray(grid, spacing, step)
         rays = camera.ray_directions(dtype=dtype, device=device)
         lengths = rays.norm(dim=-1)
-        return RayBundle(rays / lengths[:, None], lengths, spacing, tuple(grid), float(step))
+        return RayBundle(rays / lengths[:, None], lengths, spacing, tuple(grid), float(step),
+                         (camera.height, camera.width))
+
+    def tiled(self) -> tuple[RayBundle, torch.Tensor] | None:
+        """The same rays in Morton order of their pixels, and that order ``(P,)``.
+
+        ``None`` when the rays are not a detector's pixels (:attr:`detector` unset). Rays ``p``
+        and ``p + 1`` of the result are neighbours in both image directions, so a thread that
+        walks them in turn reads the same volume region twice while it is still cached; an
+        image computed on them comes back in row order as ``image[..., order] = tiled_image``.
+        """
+        if self.detector is None:
+            return None
+        order = morton_order(*self.detector).to(self.directions.device)
+        rays = RayBundle(self.directions[order], self.lengths[order], self.spacing, self.grid,
+                         self.step)
+        return rays, order
 
     @property
     def half_support(self) -> tuple[float, float, float]:

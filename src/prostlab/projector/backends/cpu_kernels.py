@@ -40,6 +40,7 @@ class CpuKernelBackend(HostKernelBackend):
     name = "cpu"
     variant = "cpu"
     brick_shift = 3  # 8^3 bricks of 2 KiB (float32): bench/RESULTS.md, "real-size volumes"
+    tile_rays = True
 
     def __init__(self, directory: Path | None = None):
         super().__init__(directory)

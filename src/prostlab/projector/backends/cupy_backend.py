@@ -65,6 +65,10 @@ class KernelBackend:
     linear layout always; :mod:`~prostlab.projector.backends.bricks`)."""
     brick_min_voxels = 1 << 22
     """Volumes of fewer voxels per channel stay linear: they fit in the caches as they are."""
+    tile_rays = False
+    """Launch a detector's rays in Morton (Z) order of their pixels rather than row by row, so
+    that the rays one thread walks in turn are neighbours in both image directions
+    (:meth:`RayBundle.tiled`); the images come back in row order."""
 
     # ----------------------------------------------------------------------------- primitives
     def forward(self, rays: RayBundle, vol: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -111,8 +115,16 @@ class KernelBackend:
         shift = self._layout(rays, gvol)
         if shift:
             vol = cached_bricks(vol, shift)
+        tiled = rays.tiled() if self.tile_rays else None
+        rows = out
+        if tiled is not None:
+            rays, order = tiled
+            g = None if g is None else g[..., order].contiguous()
+            out = None if out is None else torch.empty_like(out)
         args = self._arguments(rays, vol, M, dM, g, out, gvol, gM, shift)
         self._launch(f"prost_{primitive}_{suffix}", grid, (BLOCK, 1, 1), args, vol)
+        if tiled is not None and rows is not None:
+            rows[..., tiled[1]] = out
 
     def _layout(self, rays: RayBundle, gvol: torch.Tensor | None) -> int:
         """The brick shift of a launch: :attr:`brick_shift` for a large volume that the launch

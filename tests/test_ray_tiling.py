@@ -1,0 +1,65 @@
+"""Rays launched in Morton order of their pixels (RayBundle.tiled, KernelBackend.tile_rays)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prostlab.projector.backends.cpu_kernels import CpuKernelBackend, cpu_kernels_available
+from prostlab.projector.rays import RayBundle, morton_order
+from test_cuda_kernels import TOLERANCE, camera_case, relative_error
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (4, 4), (12, 11), (3, 17), (64, 64)])
+def test_morton_order_is_a_permutation_of_the_pixels(shape):
+    order = morton_order(*shape)
+    assert order.dtype == torch.int64
+    assert torch.equal(order.sort().values, torch.arange(shape[0] * shape[1]))
+
+
+def test_morton_order_walks_square_tiles():
+    """On 8 x 8 each run of 4^k consecutive rays is one 2^k x 2^k tile, rows and columns."""
+    order = morton_order(8, 8)
+    row, col = order // 8, order % 8
+    for side in (2, 4, 8):
+        for start in range(0, 64, side * side):
+            tile = slice(start, start + side * side)
+            assert int(row[tile].max() - row[tile].min()) == side - 1
+            assert int(col[tile].max() - col[tile].min()) == side - 1
+    assert (row[:4].tolist(), col[:4].tolist()) == ([0, 0, 1, 1], [0, 1, 0, 1])
+
+
+def test_tiled_bundle_permutes_the_rays_and_only_a_detectors():
+    rays, *_ = camera_case("centred", torch.float64, 1, 1)
+    assert rays.detector == (12, 11)
+    tiled, order = rays.tiled()
+    assert torch.equal(tiled.directions, rays.directions[order])
+    assert torch.equal(tiled.lengths, rays.lengths[order])
+    assert tiled.detector is None  # its rays are no longer in row order
+    assert tiled.tiled() is None
+    loose = RayBundle(rays.directions, rays.lengths, rays.spacing, rays.grid, rays.step)
+    assert loose.tiled() is None
+
+
+@pytest.mark.skipif(not cpu_kernels_available(), reason="cpu kernels do not build")
+@pytest.mark.parametrize("scenario", ["centred", "face"])
+def test_kernels_give_the_same_results_in_either_ray_order(scenario, monkeypatch):
+    """Images bit for bit (each ray is summed alone), gradients but for the order of the adds;
+    the cotangent reaches each ray in its own order (an image with distinct pixels shows it)."""
+    dtype = torch.float64
+    rays, vol, M, dM, g = camera_case(scenario, dtype, 2, 3)
+    results = {}
+    for tile in (False, True):
+        monkeypatch.setattr(CpuKernelBackend, "tile_rays", tile)
+        backend = CpuKernelBackend()
+        results[tile] = (
+            backend.forward(rays, vol, M),
+            backend.jvp(rays, vol, M, dM),
+            *backend.vjp(rays, vol, M, g),
+            *backend.jvp_vjp(rays, vol, M, dM, g),
+        )
+    rows, tiled = results[False], results[True]
+    assert torch.equal(rows[0], tiled[0]) and torch.equal(rows[1], tiled[1])
+    assert rows[0].abs().sum() > 0
+    for ours, theirs in zip(rows[2:], tiled[2:], strict=True):
+        assert relative_error(theirs, ours) < TOLERANCE[dtype]
