@@ -3,7 +3,10 @@
 #   1. the GPU tests (`pytest -m gpu`): CuPy kernels against the torch backend in float32 and
 #      float64, gradcheck / gradgradcheck on the GPU, a 1024^2 DRR of a 256^3 volume, streams
 #      and devices;
-#   2. the GPU benchmark (bench/projector_gpu.py), whose markdown table comes last.
+#   2. the GPU benchmark (bench/projector_gpu.py), whose markdown table comes last;
+#   3. the CUDA kernels alone on the 384^3 volume (larger than the L2 cache), in the linear
+#      layout and then with 8^3 bricks and rays in Morton order (the CPU build's defaults),
+#      to decide whether the GPU should use them too.
 # Needs a CUDA build of torch and CuPy in the environment: `pip install -e '.[gpu]'` (and
 # `make setup TORCH_SPEC=torch` for torch's CUDA wheel).
 set -euo pipefail
@@ -30,3 +33,9 @@ timeout 100 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider
 
 echo "== GPU benchmark"
 timeout 130 "$PYTHON" bench/projector_gpu.py --quick --time-limit 90 --out results/projector_gpu.md
+
+echo "== GPU memory layouts (cupy, 384^3)"
+layout=(--quick --volumes 384 --libs cupy --passes forward fwd+bwd --time-limit 25)
+timeout 40 "$PYTHON" bench/projector_gpu.py "${layout[@]}" --out results/projector_gpu_linear.md
+timeout 40 "$PYTHON" bench/projector_gpu.py "${layout[@]}" --cupy-bricks 3 --cupy-tile-rays \
+    --out results/projector_gpu_bricks_tiles.md

@@ -1,7 +1,8 @@
 """GPU benchmark of prostlab's projector: the CUDA kernels (cupy backend) beside the torch backend
 on the same GPU, and nanodrr's Triton backend where it is installed.
 
-    python bench/projector_gpu.py [--quick] [--cupy-bricks 3] [--out bench/results/projector_gpu.md]
+    python bench/projector_gpu.py [--quick] [--cupy-bricks 3] [--cupy-tile-rays]
+        [--out bench/results/projector_gpu.md]
 
 Geometry: ProST's pelvis camera (sdd 1020 mm, sid 620 mm, step 1.75 mm) with a 128^2 detector of
 2.92 mm pixels or a 256^2 one of 1.46 mm (the same 373.8 mm detector), and a synthetic phantom of
@@ -9,7 +10,9 @@ Geometry: ProST's pelvis camera (sdd 1020 mm, sid 620 mm, step 1.75 mm) with a 1
 the last, 226 MB, is larger than any GPU's L2 cache, as a full-resolution CT is).
 ``--cupy-bricks 3`` makes the CUDA kernels read volumes of 2^22 voxels or more in the bricked
 layout of 8^3 bricks (``KernelBackend.brick_shift``; the CPU build's default), to compare with
-the linear layout of a run without it. Poses are drawn
+the linear layout of a run without it; ``--cupy-tile-rays`` launches the rays in Morton order of
+their pixels (``KernelBackend.tile_rays``; the CPU build's default), so that a warp's 32 rays
+form a 8 x 4 tile of the detector rather than 32 pixels of one row. Poses are drawn
 about the identity as in ProST's training (rotations ~ N(0, 0.165 rad), shifts ~ N(0, 22 mm)).
 
 Passes, for batches of 1 and 32 poses (one volume shared by all poses):
@@ -235,6 +238,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--cupy-bricks", type=int, default=0,
                         help="brick shift of the CUDA kernels' volume layout (0: linear)")
+    parser.add_argument("--cupy-tile-rays", action="store_true",
+                        help="launch the CUDA kernels' rays in Morton order of their pixels")
     args = parser.parse_args(argv)
 
     import torch
@@ -242,6 +247,7 @@ def main(argv=None) -> int:
     from prostlab.projector.backends.cupy_backend import CupyBackend
 
     CupyBackend.brick_shift = args.cupy_bricks
+    CupyBackend.tile_rays = args.cupy_tile_rays
 
     if not torch.cuda.is_available():
         print("projector_gpu: no CUDA device visible to torch; nothing to measure")
@@ -251,7 +257,8 @@ def main(argv=None) -> int:
     budget = 0.25 if args.quick else 1.0
     status = {lib: library_status(lib) for lib in args.libs}
     print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
-          f"cupy volume layout: {f'bricks of 2^{args.cupy_bricks}' if args.cupy_bricks else 'linear'}")
+          f"cupy volume layout: {f'bricks of 2^{args.cupy_bricks}' if args.cupy_bricks else 'linear'}, "
+          f"rays {'in Morton order' if args.cupy_tile_rays else 'row by row'}")
     for lib, why in status.items():
         print(f"{lib}: {why or 'available'}")
 

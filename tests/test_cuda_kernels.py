@@ -8,6 +8,7 @@ gradgradcheck. Tests marked ``gpu`` run the CuPy backend itself where CUDA and C
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -446,7 +447,7 @@ def test_second_device_on_gpu():
 
 
 def _to_cuda(rays, *tensors, device="cuda"):
-    moved = RayBundle(
-        rays.directions.to(device), rays.lengths.to(device), rays.spacing, rays.grid, rays.step
+    moved = dataclasses.replace(
+        rays, directions=rays.directions.to(device), lengths=rays.lengths.to(device)
     )
     return (moved, *(t.to(device) for t in tensors))

@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from prostlab.projector.backends.cpu_kernels import CpuKernelBackend, cpu_kernels_available
+from prostlab.projector.backends.torch_backend import TorchBackend
 from prostlab.projector.rays import RayBundle, morton_order
-from test_cuda_kernels import TOLERANCE, camera_case, relative_error
+from test_cuda_kernels import (
+    TOLERANCE,
+    _to_cuda,
+    camera_case,
+    compare_primitives,
+    relative_error,
+    requires_gpu,
+)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (4, 4), (12, 11), (3, 17), (64, 64)])
@@ -63,3 +71,17 @@ def test_kernels_give_the_same_results_in_either_ray_order(scenario, monkeypatch
     assert rows[0].abs().sum() > 0
     for ours, theirs in zip(rows[2:], tiled[2:], strict=True):
         assert relative_error(theirs, ours) < TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_cuda_kernels_in_morton_order_match_torch(dtype, monkeypatch):
+    """The CUDA kernels with the rays tiled (a class setting, as the GPU benchmark's
+    --cupy-tile-rays sets it) against the torch backend on the GPU."""
+    from prostlab.projector.backends.cupy_backend import CupyBackend
+
+    monkeypatch.setattr(CupyBackend, "tile_rays", True)
+    rays, vol, M, dM, g = _to_cuda(*camera_case("centred", dtype, 2, 3))
+    assert rays.tiled() is not None
+    compare_primitives(CupyBackend(), TorchBackend(), rays, vol, M, dM, g, TOLERANCE[dtype])
