@@ -7,7 +7,7 @@ prost_common.cuh``, ``Launch``) the grid, padded to whole bricks of ``e = 2^b`` 
 is stored brick after brick, each brick's ``e^3`` voxels together: a cell's corners lie in one
 brick or a few, and nearby rays in any direction share bricks.
 
-:func:`to_bricks` makes that copy with one pad and one permuted copy; :func:`cached_bricks`
+:func:`to_bricks` makes that copy slab by slab; :func:`cached_bricks`
 keeps the last one, so that a registration or a benchmark that renders the same volume again and
 again pays for it once. The cache is keyed by the volume's storage, offset, shape, strides, dtype
 and version counter (bumped by any in-place change), and holds a reference to the storage, so a
@@ -19,7 +19,6 @@ from __future__ import annotations
 import threading
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["to_bricks", "cached_bricks", "clear_brick_cache"]
 
@@ -33,13 +32,23 @@ def to_bricks(vol: torch.Tensor, shift: int) -> torch.Tensor:
     The grid is zero-padded up to ``nb_a = ceil(N_a / e)`` bricks per axis; brick
     ``(I, J, K)`` holds voxels ``(I e + i, J e + j, K e + k)`` for ``0 <= i, j, k < e``, in that
     order, and the bricks follow each other in ``(I, J, K)`` order.
+
+    Written one slab of ``e`` slices at a time, so that besides the result only a slab's padded
+    copy exists (8 slices; a whole padded copy would double the memory this takes).
     """
     e = 1 << int(shift)
-    pad = [(-n) % e for n in vol.shape[2:]]
-    padded = F.pad(vol, (0, pad[2], 0, pad[1], 0, pad[0]))
-    bv, c, d, h, w = padded.shape
-    blocks = padded.reshape(bv, c, d // e, e, h // e, e, w // e, e)
-    return blocks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(bv, c, -1)
+    bv, c, d, h, w = vol.shape
+    nb = [(n + e - 1) // e for n in (d, h, w)]
+    bricks = vol.new_zeros(bv, c, nb[0], nb[1], nb[2], e, e, e)
+    slab = vol.new_zeros(bv, c, e, nb[1] * e, nb[2] * e)
+    for i in range(nb[0]):
+        part = vol[:, :, i * e : (i + 1) * e]
+        if part.shape[2] < e:
+            slab.zero_()
+        slab[:, :, : part.shape[2], :h, :w] = part
+        blocks = slab.reshape(bv, c, e, nb[1], e, nb[2], e)
+        bricks[:, :, i] = blocks.permute(0, 1, 3, 5, 2, 4, 6)
+    return bricks.reshape(bv, c, -1)
 
 
 def _key(vol: torch.Tensor, shift: int) -> tuple:
