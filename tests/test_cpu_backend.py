@@ -17,13 +17,18 @@ from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera
 from prostlab.projector import Projector
 from prostlab.projector.autograd import project
-from prostlab.projector.backends import BACKENDS, resolve_backend
+from prostlab.projector.backends import BACKENDS, host_emulation, resolve_backend
 from prostlab.projector.backends.cpu_kernels import (
     CpuKernelBackend,
     cpu_backend,
     cpu_kernels_available,
 )
-from prostlab.projector.backends.host_emulation import VARIANTS, build_host_library, compiler
+from prostlab.projector.backends.host_emulation import (
+    VARIANTS,
+    build_host_library,
+    compiler,
+    library_path,
+)
 from prostlab.projector.backends.torch_backend import TorchBackend
 from prostlab.projector.rays import RayBundle
 from test_cuda_kernels import (
@@ -154,3 +159,12 @@ def test_compile_error_names_the_first_error_line(tmp_path, monkeypatch):
     monkeypatch.setitem(VARIANTS, "cpu", (*VARIANTS["cpu"], "-fno-such-option-prostlab"))
     with pytest.raises(ProstlabError, match="cpu kernels: .*failed to compile.*no-such-option"):
         build_host_library(tmp_path, "cpu")
+
+
+def test_native_build_is_keyed_by_the_cpu(tmp_path, monkeypatch):
+    """A -march=native library built on one CPU is never loaded on another from a shared cache."""
+    here = {variant: library_path(variant, tmp_path) for variant in VARIANTS}
+    assert host_emulation.host_cpu().strip()
+    monkeypatch.setattr(host_emulation, "host_cpu", lambda: "another CPU model, other flags")
+    assert library_path("cpu", tmp_path) != here["cpu"]
+    assert library_path("emulation", tmp_path) == here["emulation"]  # portable flags

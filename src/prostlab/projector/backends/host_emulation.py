@@ -11,7 +11,8 @@ The same builder makes the OpenMP build behind the ``cpu`` backend
 (:mod:`~prostlab.projector.backends.cpu_kernels`, :data:`VARIANTS`).
 
 The library is cached under ``$PROSTLAB_CACHE`` (default ``~/.cache/prostlab``), keyed by a hash of
-the sources and the compiler command.
+the sources and the compiler command, and for a ``-march=native`` build the CPU
+(:func:`library_path`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import ctypes
 import hashlib
 import importlib.resources
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -64,6 +66,23 @@ def cache_dir() -> Path:
     return Path(base) / "prostlab"
 
 
+def host_cpu() -> str:
+    """This CPU's model and instruction-set flags (``/proc/cpuinfo``, else ``platform``).
+
+    A library built with ``-march=native`` runs only on CPUs with the same instructions, so it is
+    keyed by this string too: a cache shared between machines keeps one build per CPU.
+    """
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return f"{fields.get('model name', platform.machine())} {fields.get('flags', '')}"
+
+
 def compiler() -> str | None:
     """The C++ compiler to use (``$CXX``, else g++ or c++ on the PATH), or None."""
     for name in (os.environ.get("CXX"), "g++", "c++"):
@@ -72,8 +91,30 @@ def compiler() -> str | None:
     return None
 
 
+def library_path(variant: str = "emulation", directory: Path | None = None) -> Path:
+    """Where the library of ``variant`` is cached: a name keyed by a SHA-256 of the compiler
+    command, the kernel sources and, for a ``-march=native`` build, :func:`host_cpu`.
+
+    Raises:
+        ProstlabError: no C++ compiler.
+    """
+    flags = VARIANTS[variant]
+    cxx = compiler()
+    if cxx is None:
+        raise ProstlabError(f"{variant} kernels: expected a C++ compiler (g++ or $CXX) on the PATH")
+    digest = hashlib.sha256(" ".join((cxx, *flags)).encode())
+    if "-march=native" in flags:
+        digest.update(host_cpu().encode())
+    root = importlib.resources.files("prostlab.kernels")
+    for name in SOURCES:
+        digest.update(root.joinpath(name).read_bytes())
+    directory = Path(directory) if directory is not None else cache_dir()
+    prefix = "prost_host" if variant == "emulation" else f"prost_{variant}"
+    return directory / f"{prefix}_{digest.hexdigest()[:16]}.so"
+
+
 def build_host_library(directory: Path | None = None, variant: str = "emulation") -> Path:
-    """Compile prost.cu for the host (once per source hash and flags) and return the library.
+    """Compile prost.cu for the host (once per :func:`library_path`) and return the library.
 
     ``variant`` picks the flags (:data:`VARIANTS`).
 
@@ -81,21 +122,14 @@ def build_host_library(directory: Path | None = None, variant: str = "emulation"
         ProstlabError: no C++ compiler, or the sources do not compile (the message's first line
             quotes the compiler's first error; the full log follows).
     """
-    flags = VARIANTS[variant]
-    cxx = compiler()
-    if cxx is None:
-        raise ProstlabError(f"{variant} kernels: expected a C++ compiler (g++ or $CXX) on the PATH")
+    library = library_path(variant, directory)
+    if library.is_file():
+        return library
+    flags, cxx = VARIANTS[variant], compiler()
     root = importlib.resources.files("prostlab.kernels")
     with importlib.resources.as_file(root) as kernels:
         kernels = Path(kernels)
-        digest = hashlib.sha256(" ".join((cxx, *flags)).encode())
-        for name in SOURCES:
-            digest.update((kernels / name).read_bytes())
-        directory = Path(directory) if directory is not None else cache_dir()
-        prefix = "prost_host" if variant == "emulation" else f"prost_{variant}"
-        library = directory / f"{prefix}_{digest.hexdigest()[:16]}.so"
-        if library.is_file():
-            return library
+        directory = library.parent
         directory.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
