@@ -50,7 +50,7 @@ lint: setup
 bench: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python -m pip install --quiet --no-deps diffdrr==0.6.1
-	$(BIN)/python bench/projector.py --threads 1
+	$(BIN)/python bench/projector.py --threads 2
 
 # The held-out cube of configs/heldout_spine.yaml (needs ../shared/data/chest_ct).
 heldout: cache/spine_200/meta.json

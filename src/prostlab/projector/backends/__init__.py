@@ -24,8 +24,9 @@ BACKENDS = ("auto", "torch", "cupy", "cpu")
 _warned_cpu_build = False
 
 FALLBACK_COST = (
-    "a registration iteration took 6.6x the CPU time with it (930 ms against 140 ms: ncc, "
-    "128^2 detector, 128^3 CT, one thread; bench/RESULTS.md, 'Registration, CPU', 2026-11-29)"
+    "a forward+backward render took 2.9x as long with it (330 ms against 113 ms: a 128^2 DRR "
+    "of a 512 x 512 x 133 CT, 2 threads; bench/RESULTS.md, 'Projector on real-size CTs, CPU', "
+    "2026-12-04)"
 )
 """What falling back from ``cpu`` to torch costs, as measured; the warning quotes it."""
 
