@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prostlab.projector.backends.bricks import cached_bricks, clear_brick_cache, to_bricks
+from prostlab.projector.backends.bricks import (
+    LayoutChoice,
+    cached_bricks,
+    clear_brick_cache,
+    to_bricks,
+)
 from prostlab.projector.backends.cpu_kernels import CpuKernelBackend, cpu_kernels_available
 from prostlab.projector.backends.torch_backend import TorchBackend
 from test_cuda_kernels import (
@@ -50,6 +55,41 @@ def test_the_cache_serves_the_same_volume_and_notices_changes():
     clear_brick_cache()
 
 
+def test_layout_choice_tries_both_layouts_then_keeps_the_faster():
+    choice = LayoutChoice(shift=3, trials=2)
+    fast_bricks = {0: [0.9, 1.0], 3: [0.7, 1.2]}  # best of each: 0.9 linear, 0.7 bricked
+    tried = []
+    for _ in range(4):
+        shift = choice.next("a")
+        tried.append(shift)
+        choice.record("a", shift, fast_bricks[shift].pop(0))
+    assert tried == [0, 3, 0, 3]
+    assert choice.chosen("a") == 3 and choice.next("a") == 3
+    choice.record("a", 3, 99.0)  # later launches do not reopen the choice
+    assert choice.chosen("a") == 3
+    for seconds in (0.5, 0.8, 0.6, 0.9):  # another configuration, where linear wins
+        choice.record("b", choice.next("b"), seconds)
+    assert choice.chosen("b") == 0 and choice.chosen("a") == 3
+    assert choice.chosen("c") is None and choice.next("c") == 0
+
+
+@pytest.mark.skipif(not cpu_kernels_available(), reason="cpu kernels do not build")
+def test_cpu_backend_times_both_layouts_and_images_do_not_change():
+    """The cpu backend's first launches of a configuration alternate the layouts; the images of
+    every launch are the same, bit for bit, and one layout is kept afterwards."""
+    backend = CpuKernelBackend()
+    backend.brick_min_voxels = 0
+    clear_brick_cache()
+    rays, vol, M, _, _ = camera_case("centred", torch.float32, 2, 3)
+    images = [backend.forward(rays, vol, M) for _ in range(2 * backend.layout_trials + 1)]
+    for image in images[1:]:
+        assert torch.equal(image, images[0])
+    keys = list(backend._choice._chosen)
+    assert len(keys) == 1 and keys[0][0] == "forward"
+    assert backend._choice.chosen(keys[0]) in (0, backend.brick_shift)
+    clear_brick_cache()
+
+
 @pytest.mark.skipif(not cpu_kernels_available(), reason="cpu kernels do not build")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("scenario", ["centred", "face", "miss"])
@@ -58,7 +98,7 @@ def test_bricked_kernels_match_torch(scenario, shift, dtype):
     """Every primitive that only reads the volume reads it bricked (need_vol=False), the others
     linearly; both against the torch reference."""
     backend = CpuKernelBackend()
-    backend.brick_shift, backend.brick_min_voxels = shift, 0
+    backend.brick_shift, backend.brick_min_voxels, backend.layout_trials = shift, 0, 0
     clear_brick_cache()
     rays, vol, M, dM, g = camera_case(scenario, dtype, 2, 3)
     compare_primitives(backend, TorchBackend(), rays, vol, M, dM, g, TOLERANCE[dtype])

@@ -9,7 +9,8 @@ brick or a few, and nearby rays in any direction share bricks.
 
 :func:`to_bricks` makes that copy slab by slab; :func:`cached_bricks`
 keeps the last one, so that a registration or a benchmark that renders the same volume again and
-again pays for it once. The cache is keyed by the volume's storage, offset, shape, strides, dtype
+again pays for it once. Bricks are not always faster: :class:`LayoutChoice` times both layouts on
+the first launches of each configuration and keeps the faster. The cache is keyed by the volume's storage, offset, shape, strides, dtype
 and version counter (bumped by any in-place change), and holds a reference to the storage, so a
 freed and reallocated tensor cannot be mistaken for it.
 """
@@ -17,10 +18,11 @@ freed and reallocated tensor cannot be mistaken for it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Hashable
 
 import torch
 
-__all__ = ["to_bricks", "cached_bricks", "clear_brick_cache"]
+__all__ = ["to_bricks", "cached_bricks", "clear_brick_cache", "LayoutChoice"]
 
 _lock = threading.Lock()
 _cache: dict[str, object] = {}
@@ -72,3 +74,47 @@ def clear_brick_cache() -> None:
     """Drop the cached copy (it holds about the volume's size in memory)."""
     with _lock:
         _cache.clear()
+
+
+class LayoutChoice:
+    """The faster of the linear layout (shift 0) and bricks of ``2^shift`` voxels, per launch
+    configuration, found by timing both on its first launches.
+
+    Which layout wins depends on the machine's caches and on how the rays cross the volume. On a
+    2-core Xeon, bricks took a 128^2 DRR of the 512 x 512 x 133 chest CT, whose AP rays cross its
+    rows, from 64 to 50 ms, but a 256^2 DRR of a 256^3 cube whose rays run along its rows from 96
+    to 118 ms (``bench/RESULTS.md``, "Projector on real-size CTs"). So the first ``2 trials``
+    launches of a configuration (a hashable ``key``) alternate linear, bricked, linear, ...; then
+    the layout with the shorter fastest launch is kept for that key. The images do not depend on
+    the choice: both layouts hold the same values and the kernels add in the same order.
+    """
+
+    def __init__(self, shift: int, trials: int = 2):
+        self.shift, self.trials = int(shift), int(trials)
+        self._times: dict[Hashable, dict[int, list[float]]] = {}
+        self._chosen: dict[Hashable, int] = {}
+        self._lock = threading.Lock()
+
+    def next(self, key: Hashable) -> int:
+        """The brick shift for the next launch of ``key``: the chosen one, else the trial's."""
+        with self._lock:
+            if key in self._chosen:
+                return self._chosen[key]
+            times = self._times.setdefault(key, {0: [], self.shift: []})
+            return 0 if len(times[0]) <= len(times[self.shift]) else self.shift
+
+    def record(self, key: Hashable, shift: int, seconds: float) -> None:
+        """Note how long a launch of ``key`` in layout ``shift`` took (ignored once chosen)."""
+        with self._lock:
+            times = self._times.get(key)
+            if key in self._chosen or times is None:
+                return
+            times[shift].append(seconds)
+            if all(len(t) >= self.trials for t in times.values()):
+                self._chosen[key] = min(times, key=lambda s: min(times[s]))
+                del self._times[key]
+
+    def chosen(self, key: Hashable) -> int | None:
+        """The layout kept for ``key``, or None while it is still on trial."""
+        with self._lock:
+            return self._chosen.get(key)

@@ -24,11 +24,12 @@ import importlib.resources
 import math
 import re
 import threading
+import time
 
 import torch
 
 from prostlab.errors import ProstlabError
-from prostlab.projector.backends.bricks import cached_bricks
+from prostlab.projector.backends.bricks import LayoutChoice, cached_bricks
 from prostlab.projector.rays import RayBundle
 
 BLOCK = 128
@@ -65,6 +66,10 @@ class KernelBackend:
     linear layout always; :mod:`~prostlab.projector.backends.bricks`)."""
     brick_min_voxels = 1 << 22
     """Volumes of fewer voxels per channel stay linear: they fit in the caches as they are."""
+    layout_trials = 0
+    """With ``n > 0`` and bricks on, time each layout ``n`` times on the first launches of a
+    configuration and keep the faster (:class:`~prostlab.projector.backends.bricks.LayoutChoice`;
+    needs launches that return when done, as the CPU's do); 0: always bricks."""
     tile_rays = False
     """Launch a detector's rays in Morton (Z) order of their pixels rather than row by row, so
     that the rays one thread walks in turn are neighbours in both image directions
@@ -112,7 +117,11 @@ class KernelBackend:
             raise ProstlabError(f"pose batch: expected at most {_MAX_GRID_Y} poses, got {batch}")
         suffix = {torch.float32: "f32", torch.float64: "f64"}[vol.dtype]
         grid = (math.ceil(n_rays / BLOCK), batch, 1)
-        shift = self._layout(rays, gvol)
+        shift, key = self._layout(rays, gvol), None
+        if shift and self.layout_trials:
+            key = (primitive, rays.grid, n_rays, tuple(vol.shape[:2]), batch, vol.dtype,
+                   gM is not None)
+            shift = self._layout_choice().next(key)
         if shift:
             vol = cached_bricks(vol, shift)
         tiled = rays.tiled() if self.tile_rays else None
@@ -122,9 +131,19 @@ class KernelBackend:
             g = None if g is None else g[..., order].contiguous()
             out = None if out is None else torch.empty_like(out)
         args = self._arguments(rays, vol, M, dM, g, out, gvol, gM, shift)
+        start = time.perf_counter()
         self._launch(f"prost_{primitive}_{suffix}", grid, (BLOCK, 1, 1), args, vol)
+        if key is not None:
+            self._layout_choice().record(key, shift, time.perf_counter() - start)
         if tiled is not None and rows is not None:
             rows[..., tiled[1]] = out
+
+    def _layout_choice(self) -> LayoutChoice:
+        """This backend's :class:`LayoutChoice` (made on first use)."""
+        choice = getattr(self, "_choice", None)
+        if choice is None:
+            choice = self._choice = LayoutChoice(self.brick_shift, self.layout_trials)
+        return choice
 
     def _layout(self, rays: RayBundle, gvol: torch.Tensor | None) -> int:
         """The brick shift of a launch: :attr:`brick_shift` for a large volume that the launch
