@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from prostlab.geometry import Camera, so3_exp
+from prostlab.projector.backends import torch_backend as tb
 from prostlab.projector.backends.torch_backend import TorchBackend
 from prostlab.projector.rays import RayBundle
 
@@ -76,3 +77,54 @@ def test_non_finite_pose_poisons_only_its_own_outputs():
     gvol, gM = TorchBackend().vjp(rays, vol, M, cot)
     assert torch.isnan(gM[0]).all() and torch.isfinite(gM[1]).all()
     assert torch.isfinite(gvol).all()
+
+
+def _along(axis: int, grid=(9, 10, 11), spacing=(2.0, 1.7, 2.3)):
+    """Rays of CAMERA whose central ray runs along volume axis ``axis`` (rotation only)."""
+    rays = RayBundle.from_camera(CAMERA, spacing, grid, 0.9, torch.float64, "cpu")
+    A = torch.zeros(3, 3, dtype=torch.float64)
+    others = [a for a in range(3) if a != axis]
+    A[others[0], 0], A[others[1], 1], A[axis, 2] = 1.0, 1.0, 1.0
+    t = torch.tensor([0.0, 0.0, CAMERA.sid], dtype=torch.float64)
+    M = torch.cat((A, -A @ t[:, None]), dim=1)[None]  # volume-from-camera, source at -sid
+    return rays, M
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_axis_order_puts_the_rays_along_the_middle_axis(axis):
+    rays, M = _along(axis)
+    order = tb._axis_order(rays, M)
+    assert sorted(order) == [0, 1, 2] and order[1] == axis
+    # An oblique ray, in voxels per mm 0.6 along axis 0, 0.4 along axis 2, 0 along axis 1:
+    # axis 0 goes in the middle, axis 2 first and axis 1 (the one it crosses) last.
+    w = torch.tensor([0.6 * 2.0, 0.0, 0.4 * 2.3], dtype=torch.float64)
+    A = torch.zeros(3, 3, dtype=torch.float64)
+    A[:, 2] = w / w.norm()
+    A[1, 0] = 1.0
+    A[:, 1] = torch.linalg.cross(A[:, 2], A[:, 0])
+    M = torch.cat((A, torch.zeros(3, 1, dtype=torch.float64)), dim=1)[None]
+    assert tb._axis_order(rays, M) == (2, 0, 1)
+
+
+def test_reordered_axes_change_neither_images_nor_pose_gradients(monkeypatch):
+    """With the rays along the contiguous axis the torch backend reads a reordered copy; the
+    images and pose gradients are those of the volume as stored, and an in-place change of the
+    volume is seen (the copy is keyed by its version)."""
+    rays, M = _along(2)
+    M = M.repeat(2, 1, 1)
+    M[1, :, 3] += torch.tensor([1.5, -2.0, 0.7], dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    vol = torch.rand(1, 2, 9, 10, 11, generator=g, dtype=torch.float64)
+    cot = torch.randn(2, 2, rays.directions.shape[0], generator=g, dtype=torch.float64)
+    backend = TorchBackend(max_samples=40)
+    monkeypatch.setattr(tb, "REORDER_MIN_VOXELS", 1 << 40)
+    image = backend.forward(rays, vol, M)
+    _, gM = backend.vjp(rays, vol, M, cot, need_vol=False)
+    monkeypatch.setattr(tb, "REORDER_MIN_VOXELS", 0)
+    order = tb._reordered(rays, vol, M)[3]
+    assert order is not None and order[1] == 2
+    torch.testing.assert_close(backend.forward(rays, vol, M), image, rtol=1e-12, atol=1e-12)
+    _, gM_reordered = backend.vjp(rays, vol, M, cot, need_vol=False)
+    torch.testing.assert_close(gM_reordered, gM, rtol=1e-10, atol=1e-12)
+    vol.mul_(2.0)
+    torch.testing.assert_close(backend.forward(rays, vol, M), 2 * image, rtol=1e-12, atol=1e-12)

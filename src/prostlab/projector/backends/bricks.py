@@ -1,4 +1,4 @@
-"""The bricked volume layout of the kernels, and a cache of the last volume bricked.
+"""The bricked volume layout of the kernels, the last volume bricked, and when to use it.
 
 A volume larger than the caches is read by the kernels' trilinear gathers one scattered cache
 line at a time: in the linear ``(D, H, W)`` layout the eight corners of a cell sit on four lines,
@@ -7,12 +7,11 @@ prost_common.cuh``, ``Launch``) the grid, padded to whole bricks of ``e = 2^b`` 
 is stored brick after brick, each brick's ``e^3`` voxels together: a cell's corners lie in one
 brick or a few, and nearby rays in any direction share bricks.
 
-:func:`to_bricks` makes that copy slab by slab; :func:`cached_bricks`
-keeps the last one, so that a registration or a benchmark that renders the same volume again and
-again pays for it once. Bricks are not always faster: :class:`LayoutChoice` times both layouts on
-the first launches of each configuration and keeps the faster. The cache is keyed by the volume's storage, offset, shape, strides, dtype
-and version counter (bumped by any in-place change), and holds a reference to the storage, so a
-freed and reallocated tensor cannot be mistaken for it.
+:func:`to_bricks` makes that copy slab by slab; :func:`cached_bricks` keeps the last one
+(:mod:`~prostlab.projector.backends.volume_cache`), so that a registration or a benchmark that
+renders the same volume again and again pays for it once. Bricks are not always faster:
+:class:`LayoutChoice` times both layouts on the first launches of each configuration and keeps
+the faster.
 """
 
 from __future__ import annotations
@@ -22,10 +21,9 @@ from collections.abc import Hashable
 
 import torch
 
-__all__ = ["to_bricks", "cached_bricks", "clear_brick_cache", "LayoutChoice"]
+from prostlab.projector.backends.volume_cache import cached_copy, clear_volume_cache
 
-_lock = threading.Lock()
-_cache: dict[str, object] = {}
+__all__ = ["to_bricks", "cached_bricks", "clear_brick_cache", "LayoutChoice"]
 
 
 def to_bricks(vol: torch.Tensor, shift: int) -> torch.Tensor:
@@ -53,27 +51,14 @@ def to_bricks(vol: torch.Tensor, shift: int) -> torch.Tensor:
     return bricks.reshape(bv, c, -1)
 
 
-def _key(vol: torch.Tensor, shift: int) -> tuple:
-    return (vol.untyped_storage().data_ptr(), vol.storage_offset(), tuple(vol.shape),
-            vol.stride(), vol.dtype, vol.device, vol._version, int(shift))
-
-
 def cached_bricks(vol: torch.Tensor, shift: int) -> torch.Tensor:
     """:func:`to_bricks` of ``vol``, reused while the same, unchanged volume comes back."""
-    key = _key(vol, shift)
-    with _lock:
-        if _cache.get("key") == key:
-            return _cache["bricks"]  # type: ignore[return-value]
-    bricks = to_bricks(vol, shift)
-    with _lock:
-        _cache.update(key=key, storage=vol.untyped_storage(), bricks=bricks)
-    return bricks
+    return cached_copy(vol, "bricks", int(shift), lambda: to_bricks(vol, shift))
 
 
 def clear_brick_cache() -> None:
-    """Drop the cached copy (it holds about the volume's size in memory)."""
-    with _lock:
-        _cache.clear()
+    """Drop the cached bricked copy (it holds about the volume's size in memory)."""
+    clear_volume_cache("bricks")
 
 
 class LayoutChoice:
