@@ -66,10 +66,10 @@ class LayoutChoice:
     configuration, found by timing both on its first launches.
 
     Which layout wins depends on the machine's caches and on how the rays cross the volume. On a
-    2-core Xeon, bricks took a 128^2 DRR of the 512 x 512 x 133 chest CT, whose AP rays cross its
-    rows, from 64 to 50 ms, but a 256^2 DRR of a 256^3 cube whose rays run along its rows from 96
-    to 118 ms (``bench/RESULTS.md``, "Projector on real-size CTs"). So the first ``2 trials``
-    launches of a configuration (a hashable ``key``) alternate linear, bricked, linear, ...; then
+    2-core Xeon (``bench/results/layouts_cpu.md``), bricks took a 128^2 AP DRR of the 512 x 512 x
+    133 chest CT, whose rays cross its rows, from 64 to 48 ms, but a 256^2 AP DRR of a 256^3 cube,
+    whose rays run along its rows, from 95 to 118 ms. So the first ``2 trials`` launches of a
+    configuration (a hashable ``key``) alternate linear, bricked, linear, ...; then
     the layout with the shorter fastest launch is kept for that key. The images do not depend on
     the choice: both layouts hold the same values and the kernels add in the same order.
     """

@@ -322,9 +322,9 @@ def _axis_order(rays: RayBundle, M: torch.Tensor) -> tuple[int, int, int]:
 
     ``grid_sample`` takes the k-th samples of neighbouring rays one after another: with the rays
     along the middle axis, and the rays sorted by the address of their midpoints
-    (:func:`_memory_order`), consecutive samples are neighbours along the contiguous axis. Measured
-    on 2 cores (the torch backend's forward, the 256^3 cube's AP view at 128^2): 141 ms with the
-    rays along the contiguous axis as stored, 89 ms reordered (bench/RESULTS.md).
+    (:func:`_memory_order`), consecutive samples are neighbours along the contiguous axis. On a
+    2-core Xeon, the 256^3 cube's AP view at 128^2, whose rays run along the contiguous axis as
+    stored: 116 ms as stored, 87 ms reordered (``bench/results/layouts_cpu.md``).
     """
     d = rays.directions.mean(dim=0)
     speed = (M[0, :, :3].detach() @ d).abs() / torch.tensor(rays.spacing, dtype=M.dtype)
