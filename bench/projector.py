@@ -132,6 +132,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -152,7 +153,9 @@ from _common import (  # noqa: E402
     run_worker,
 )
 
-SDD, SID, STEP = 1020.0, 620.0, 1.75
+SDD, SID = 1020.0, 620.0
+STEP_VARIABLE = "PROSTLAB_BENCH_STEP"  # --step, passed on to the worker processes
+STEP = float(os.environ.get(STEP_VARIABLE, 1.75))  # mm between samples along a ray
 DETECTORS = {128: 2.92, 256: 1.46, 512: 0.73}  # pixels -> pixel spacing (mm): one 373.8 mm field
 VOLUMES = ("full", "256", "128")
 POSES = {
@@ -654,6 +657,7 @@ def stream(nbytes: int, repeats: int) -> dict:
 
 # ------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
+    global STEP  # --step
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="1 warm-up + up to 3 repeats in 15 s per case (default: 1 + up to "
@@ -689,11 +693,17 @@ def main(argv=None) -> int:
                              "from stalling every parallel op on a busy core")
     parser.add_argument("--max-samples", type=int, default=None,
                         help="prostlab Projector max_samples (samples per chunk; default: its own)")
+    parser.add_argument("--step", type=float, default=None,
+                        help=f"mm between samples along a ray (default {STEP:g}); the peers "
+                             "take as many samples per ray as prostlab")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--images", type=Path, default=None,
                         help="save a PNG of the DRRs of each cross-check case here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.step is not None:
+        STEP = args.step
+        os.environ[STEP_VARIABLE] = repr(args.step)
 
     if args.worker is not None:
         print(json.dumps(run_case(json.loads(args.worker))))
