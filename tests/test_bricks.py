@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prostlab.projector.backends import volume_cache
 from prostlab.projector.backends.bricks import (
     LayoutChoice,
     cached_bricks,
@@ -57,6 +58,7 @@ def test_the_cache_serves_the_same_volume_and_notices_changes():
 
 def test_layout_choice_tries_both_layouts_then_keeps_the_faster():
     choice = LayoutChoice(shift=3, trials=2)
+    assert choice.settled() and not choice.bricked()
     fast_bricks = {0: [0.9, 1.0], 3: [0.7, 1.2]}  # best of each: 0.9 linear, 0.7 bricked
     tried = []
     for _ in range(4):
@@ -65,12 +67,14 @@ def test_layout_choice_tries_both_layouts_then_keeps_the_faster():
         choice.record("a", shift, fast_bricks[shift].pop(0))
     assert tried == [0, 3, 0, 3]
     assert choice.chosen("a") == 3 and choice.next("a") == 3
+    assert choice.settled() and choice.bricked()
     choice.record("a", 3, 99.0)  # later launches do not reopen the choice
     assert choice.chosen("a") == 3
     for seconds in (0.5, 0.8, 0.6, 0.9):  # another configuration, where linear wins
         choice.record("b", choice.next("b"), seconds)
     assert choice.chosen("b") == 0 and choice.chosen("a") == 3
     assert choice.chosen("c") is None and choice.next("c") == 0
+    assert not choice.settled()  # "c" is on trial now
 
 
 @pytest.mark.skipif(not cpu_kernels_available(), reason="cpu kernels do not build")
@@ -86,7 +90,10 @@ def test_cpu_backend_times_both_layouts_and_images_do_not_change():
         assert torch.equal(image, images[0])
     keys = list(backend._choice._chosen)
     assert len(keys) == 1 and keys[0][0] == "forward"
-    assert backend._choice.chosen(keys[0]) in (0, backend.brick_shift)
+    kept = backend._choice.chosen(keys[0])
+    assert kept in (0, backend.brick_shift)
+    # the bricked copy is kept while some configuration reads it, and freed otherwise
+    assert ("bricks" in volume_cache._slots) == (kept == backend.brick_shift)
     clear_brick_cache()
 
 

@@ -99,6 +99,16 @@ class LayoutChoice:
                 self._chosen[key] = min(times, key=lambda s: min(times[s]))
                 del self._times[key]
 
+    def settled(self) -> bool:
+        """Whether no configuration is on trial."""
+        with self._lock:
+            return not self._times
+
+    def bricked(self) -> bool:
+        """Whether some configuration keeps the bricked layout."""
+        with self._lock:
+            return self.shift in self._chosen.values()
+
     def chosen(self, key: Hashable) -> int | None:
         """The layout kept for ``key``, or None while it is still on trial."""
         with self._lock:

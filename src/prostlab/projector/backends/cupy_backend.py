@@ -29,7 +29,7 @@ import time
 import torch
 
 from prostlab.errors import ProstlabError
-from prostlab.projector.backends.bricks import LayoutChoice, cached_bricks
+from prostlab.projector.backends.bricks import LayoutChoice, cached_bricks, clear_brick_cache
 from prostlab.projector.rays import RayBundle
 
 BLOCK = 128
@@ -134,7 +134,10 @@ class KernelBackend:
         start = time.perf_counter()
         self._launch(f"prost_{primitive}_{suffix}", grid, (BLOCK, 1, 1), args, vol)
         if key is not None:
-            self._layout_choice().record(key, shift, time.perf_counter() - start)
+            choice = self._layout_choice()
+            choice.record(key, shift, time.perf_counter() - start)
+            if choice.settled() and not choice.bricked():
+                clear_brick_cache()  # every configuration reads the volume as it is: free the copy
         if tiled is not None and rows is not None:
             rows[..., tiled[1]] = out
 
