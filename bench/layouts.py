@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_facts, markdown_table, median  # noqa: E402
+from _common import machine_facts, markdown_table, median, time_call  # noqa: E402
 from projector import DEFAULT_CT, POSES, load_volumes, make_call  # noqa: E402
 
 CPU_LAYOUTS = {  # name -> (brick_shift, tile_rays, layout_trials)
@@ -41,14 +40,8 @@ WARMUP = 5
 
 
 def time_ms(call, repeats: int) -> float:
-    for _ in range(WARMUP):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(1e3 * (time.perf_counter() - start))
-    return median(times)
+    """Median wall ms of ``repeats`` calls after ``WARMUP`` untimed ones."""
+    return median(time_call(call, warmup=WARMUP, repeats=repeats))
 
 
 def cpu_row(vol, pixels, pose, mode, repeats) -> list[float]:

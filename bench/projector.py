@@ -60,9 +60,10 @@ library and case, above the size just before it (VmHWM reset through /proc/self/
 inputs; over the first calls (one-time copies such as the ``cpu`` backend's bricked volume) and
 for the call after them (every later call). The first calls are one call, or for the ``cpu``
 backend the ``2 x layout_trials`` calls in which it times its linear and bricked layouts
-(``bricks.LayoutChoice``); its timed calls also start after those (``settling_calls``). ``--threads 1`` runs torch single-threaded in the measuring processes: on a machine whose
-cores are busy with other jobs, every parallel op otherwise waits for a descheduled thread, which
-hurts prostlab's torch backend (many small ops) far more than the peers.
+(``bricks.LayoutChoice``); its timed calls also start after those (``settling_calls``).
+``--threads 1`` runs torch single-threaded in the measuring processes: on a machine whose cores
+are busy with other jobs, every parallel op otherwise waits for a descheduled thread, which hurts
+prostlab's torch backend (many small ops) far more than the peers.
 
 Samples: prostlab marches ``tau_k = k * step`` from the source, visiting only the samples inside
 the volume's support (``RayBundle.sample_range``); its count is the sum of those per-ray counts.
