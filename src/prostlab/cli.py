@@ -17,24 +17,39 @@ from prostlab.resources import resolve_config
 
 def _prepare(args: argparse.Namespace) -> None:
     from prostlab.data import prepare_ct
+    from prostlab.data.bone_threshold import BoneThreshold
+    from prostlab.data.patients import patient_names
 
     bones: str | list[int] = args.bones
     if all(part.strip().isdigit() for part in args.bones.split(",")):
         bones = [int(part) for part in args.bones.split(",")]
-    written = prepare_ct(
-        args.ct,
-        args.labels,
-        args.out,
-        size=args.size,
-        bones=bones,
-        structures_csv=args.structures,
-        side_mm=args.side_mm,
-        margin_mm=args.margin_mm,
-        mu_water=args.mu_water,
-        overwrite=args.overwrite,
-    )
-    for key, path in written.items():
-        print(f"{key:>10}: {path}")
+    if len(args.ct) > 1 and args.labels:
+        raise ProstlabError("--labels: one label map for several --ct; expected one --ct, or "
+                            "prepare the labelled scan on its own")
+    if args.labels and args.bone_hu is not None:
+        raise ProstlabError("--bone-hu: the bones come from --labels; expected one of the two")
+    threshold = None if args.bone_hu is None else BoneThreshold(bone_hu=args.bone_hu)
+    names = patient_names(args.ct)
+    for ct, name in zip(args.ct, names, strict=True):
+        out = Path(args.out) / name if len(args.ct) > 1 else Path(args.out)
+        written = prepare_ct(
+            ct,
+            args.labels,
+            out,
+            size=args.size,
+            bones=bones,
+            structures_csv=args.structures,
+            side_mm=args.side_mm,
+            margin_mm=args.margin_mm,
+            mu_water=args.mu_water,
+            overwrite=args.overwrite,
+            bone_threshold=threshold,
+        )
+        if not args.labels:
+            print(f"{ct}: no --labels: bones by HU threshold (--bone-hu "
+                  f"{(threshold or BoneThreshold()).bone_hu:g}), cube centred on them")
+        for key, path in written.items():
+            print(f"{key:>10}: {path}")
 
 
 def _render(args: argparse.Namespace) -> None:
@@ -224,9 +239,17 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=LIGHTNING_HELP[name])
 
     prep = sub.add_parser("prepare", help="CT (+ labels) -> attenuation cube, segmented CT")
-    prep.add_argument("--ct", required=True, help="CT in HU: NIfTI file or DICOM series folder")
+    prep.add_argument(
+        "--ct", required=True, action="extend", nargs="+",
+        help="CT in HU: NIfTI file or DICOM series folder; several (one patient each): each "
+        "goes into --out/NAME, NAME its folder's name (or the file's when they share a folder)",
+    )
     prep.add_argument("--labels", help="label map on the CT's grid (NIfTI or DICOM)")
-    prep.add_argument("--out", required=True, help="output folder")
+    prep.add_argument(
+        "--bone-hu", type=float,
+        help="without --labels: bone threshold in HU (default 150; docs/data.md)",
+    )
+    prep.add_argument("--out", required=True, help="output folder (with several --ct: parent)")
     prep.add_argument("--size", type=int, default=128, help="voxels per cube edge (default 128)")
     prep.add_argument(
         "--bones",

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from prostlab.data import deepfluoro
 from prostlab.data.example import example_path
+from prostlab.data.patients import leave_patient_out
 from prostlab.data.poses import PoseDistribution, PoseSampler, case_generator
 from prostlab.data.prepare import PreparedCT, load_prepared, prepare_ct
 from prostlab.data.volume import Volume
@@ -214,6 +215,9 @@ class PoseDataModule(pl.LightningDataModule):
             Default: the last 20 % of the volumes for test, the 20 % before for validation, at
             least one each, when there are three volumes or more; otherwise every split uses
             every volume (and a warning says so).
+        fold: instead of ``split``, fold ``k`` of a leave-patient-out cross-validation with one
+            patient per volume (:func:`~prostlab.data.patients.leave_patient_out`): test patient
+            ``k``, validation patient ``k + 1`` (cyclically), the others for training.
         train_poses, val_poses, test_poses: pose samplers, each a mapping
             ``{"ground_truth": {...}, "initial": {...}, "relative": bool}`` of
             :class:`~prostlab.data.poses.PoseDistribution` fields (degrees and mm).
@@ -237,6 +241,7 @@ class PoseDataModule(pl.LightningDataModule):
         bones: str | list[int] = "bones",
         downsample: int = 1,
         split: dict[str, list[int]] | None = None,
+        fold: int | None = None,
         train_poses: dict[str, Any] | None = None,
         val_poses: dict[str, Any] | None = None,
         test_poses: dict[str, Any] | None = None,
@@ -263,7 +268,12 @@ class PoseDataModule(pl.LightningDataModule):
         if not isinstance(downsample, int) or downsample < 1:
             raise ProstlabError(f"data.downsample: expected a positive integer, got {downsample!r}")
         self.downsample = downsample
-        self.split = self._resolve_split(split)
+        if fold is not None and split is not None:
+            raise ProstlabError("data.fold and data.split: expected one of the two (a fold is "
+                                "a leave-patient-out split)")
+        self.fold = fold
+        self.split = (self._resolve_split(split) if fold is None
+                      else leave_patient_out(len(self.sources), int(fold)))
         self.samplers = {
             name: _sampler(config, f"data.{name}_poses")
             for name, config in zip(SPLITS, (train_poses, val_poses, test_poses), strict=True)

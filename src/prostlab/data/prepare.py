@@ -6,7 +6,9 @@
 2. reorient both to LIP (``docs/geometry.md``), so the identity pose is an AP view;
 3. replace outside-the-field-of-view values by air and map HU to attenuation
    ``mu = mu_water (1 + HU / 1000)``, clamped at 0 (:mod:`prostlab.data.intensity`);
-4. segment the bones at the source resolution, ``mu_bone = mu * [label in ids]``;
+4. segment the bones at the source resolution, ``mu_bone = mu * mask``: ``mask = [label in ids]``
+   with a label map, else the CT's own bones by a HU threshold cleaned of the table, contrast and
+   specks (:mod:`prostlab.data.bone_threshold`);
 5. choose a cube (centred on the bones' bounding box, or on the volume) and resample ``mu`` and
    ``mu_bone`` (linear, antialiased) and the labels (nearest) onto its ``size^3`` grid in one step
    (:mod:`prostlab.data.resample`);
@@ -24,6 +26,7 @@ The written affines map each voxel to its world position in the source scan, wit
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -35,6 +38,7 @@ from typing import Any
 import numpy as np
 
 import prostlab
+from prostlab.data.bone_threshold import BoneThreshold, threshold_bones
 from prostlab.data.intensity import (
     FOV_FILL_BELOW,
     HU_AIR,
@@ -143,6 +147,7 @@ def prepare_ct(
     fov_fill_below: float = FOV_FILL_BELOW,
     antialias: bool = True,
     overwrite: bool = False,
+    bone_threshold: BoneThreshold | None = None,
 ) -> dict[str, Path]:
     """Prepare a CT for registration and write it to ``out_dir``.
 
@@ -154,42 +159,51 @@ def prepare_ct(
         size: voxels per edge of the output cube.
         bones: bone selection: a preset (``"bones"``, ``"pelvis"``), a group of the class table,
             or label ids (see :mod:`prostlab.data.labels`). Ignored without labels.
+            Without labels the bones are the CT's voxels that ``bone_threshold`` selects.
         structures_csv: the class table; default ``structures.csv`` beside ``labels_path``.
         side_mm: cube edge in mm; default the largest extent of the bones' bounding box (or of
             the volume when ``centre="volume"``) plus ``2 * margin_mm``.
-        centre: ``"bones"`` (the bounding box of the selected bones; the default with labels) or
-            ``"volume"`` (the grid's centre; the default without).
+        centre: ``"bones"`` (the bounding box of the selected or thresholded bones; the
+            default) or ``"volume"`` (the grid's centre).
         margin_mm: added on each side to the default cube edge.
         mu_water: attenuation of water in 1/mm; finite and positive.
         fov_fill_below: HU below this are outside the field of view and become air.
         antialias: low-pass filter when downsampling (see :mod:`prostlab.data.resample`).
         overwrite: write into a non-empty ``out_dir``; files of an earlier preparation that this
             one does not write (a label map, say) are removed at the end.
+        bone_threshold: the settings of the bones without labels (default
+            :class:`~prostlab.data.bone_threshold.BoneThreshold`'s); refused with labels.
 
     Returns:
-        The written paths, keyed ``"ct"``, ``"meta"`` and, with labels, ``"bone"``, ``"labels"``
+        The written paths, keyed ``"ct"``, ``"bone"``, ``"meta"`` and, with labels, ``"labels"``
         and ``"structures"`` (a copy of the class table, when one was used).
     """
     ct_path = Path(ct_path)
-    centre = centre or ("bones" if labels_path is not None else "volume")
+    centre = centre or "bones"
     if centre not in ("bones", "volume"):
         raise ProstlabError(f"centre: {centre!r}; expected 'bones' or 'volume'")
-    if centre == "bones" and labels_path is None:
-        raise ProstlabError("centre: 'bones' needs a label map; pass labels_path")
+    if labels_path is not None and bone_threshold is not None:
+        raise ProstlabError(
+            "bone_threshold (--bone-hu): the bones come from the label map when one is given; "
+            "expected one of the two"
+        )
+    if labels_path is None:
+        bone_threshold = bone_threshold or BoneThreshold()
     check_mu_water(mu_water)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ProstlabError(f"size: {size!r}; expected a positive whole number of voxels")
     check_memory(prepare_memory_bytes(size), "cpu", f"size {size}: a {size}^3 cube")
     with output_folder(out_dir, overwrite, "output folder") as out:
         written = _prepare(ct_path, labels_path, out, size, bones, structures_csv, side_mm,
-                           centre, margin_mm, mu_water, fov_fill_below, antialias)
+                           centre, margin_mm, mu_water, fov_fill_below, antialias,
+                           bone_threshold)
         if overwrite:
             remove_stale(out, list(PREPARED_FILES), keep=list(written.values()))
     return written
 
 
 def _prepare(ct_path, labels_path, out, size, bones, structures_csv, side_mm, centre, margin_mm,
-             mu_water, fov_fill_below, antialias) -> dict[str, Path]:
+             mu_water, fov_fill_below, antialias, bone_threshold) -> dict[str, Path]:
     """The work of :func:`prepare_ct` once its arguments and output folder are checked."""
     hu, affine = load_image(ct_path)
     coarse = [s for s in spacing_of(affine) if s > MAX_SOURCE_SPACING_MM]
@@ -213,14 +227,22 @@ def _prepare(ct_path, labels_path, out, size, bones, structures_csv, side_mm, ce
             raise ProstlabError(f"{labels_path}: has negative labels; expected ids >= 0")
         labels, _ = reorient(labels, labels_affine, PREPARED_ORIENTATION)
     hu, affine = reorient(hu, affine, PREPARED_ORIENTATION)
-    mu = hu_to_mu(fill_outside_fov(hu, below=fov_fill_below, value=HU_AIR), mu_water=mu_water)
-    del hu
-
-    mask = ids = table = None
+    hu = fill_outside_fov(hu, below=fov_fill_below, value=HU_AIR)
+    ids = table = None
     if labels is not None:
         table = Path(structures_csv) if structures_csv else labels_path.parent / STRUCTURES_FILE
         ids = bone_ids(bones, table)
         mask = bone_mask(labels, ids, source=labels_path)
+    else:
+        mask = threshold_bones(hu, spacing_of(affine), bone_threshold, axial_axis=1)
+        if not mask.any():
+            raise ProstlabError(
+                f"{ct_path}: no bone found at {bone_threshold.bone_hu:g} HU and above (seeds "
+                f"from {bone_threshold.dense_hu:g} HU); expected a CT with bones in it: pass a "
+                "label map (--labels) or a lower --bone-hu"
+            )
+    mu = hu_to_mu(hu, mu_water=mu_water)
+    del hu
 
     grid = cube_grid(
         mu.shape,
@@ -233,20 +255,21 @@ def _prepare(ct_path, labels_path, out, size, bones, structures_csv, side_mm, ce
     cube_affine = grid.affine(affine)
 
     cube_mu = resample_linear(mu, grid, 0.0, antialias)
-    cube_labels = bone = None
+    cube_labels = None
+    bone = resample_linear(segment(mu, mask), grid, 0.0, antialias)
     if labels is not None:
         cube_labels = resample_nearest(labels, grid, 0)
-        if not np.isin(cube_labels, ids).any():
-            raise ProstlabError(
-                f"{labels_path}: the {int(mask.sum())} voxels of bones {ids} vanish in the "
-                f"{size}^3 cube of {grid.spacing:.3g} mm voxels ({grid.side_mm:.4g} mm wide); "
-                "expected bones that fill some of the cube: check the voxel spacing, or pass a "
-                "smaller side_mm (--side-mm) or a larger size (--size)"
-            )
-        bone = resample_linear(segment(mu, mask), grid, 0.0, antialias)
-    written = {"ct": save_nifti(out / CT_FILE, cube_mu, cube_affine)}
+    if not (bone > 0).any() or (labels is not None and not np.isin(cube_labels, ids).any()):
+        what = f"bones {ids}" if labels is not None else "thresholded bone"
+        raise ProstlabError(
+            f"{labels_path or ct_path}: the {int(mask.sum())} voxels of {what} vanish in the "
+            f"{size}^3 cube of {grid.spacing:.3g} mm voxels ({grid.side_mm:.4g} mm wide); "
+            "expected bones that fill some of the cube: check the voxel spacing, or pass a "
+            "smaller side_mm (--side-mm) or a larger size (--size)"
+        )
+    written = {"ct": save_nifti(out / CT_FILE, cube_mu, cube_affine),
+               "bone": save_nifti(out / BONE_FILE, bone, cube_affine)}
     if labels is not None:
-        written["bone"] = save_nifti(out / BONE_FILE, bone, cube_affine)
         written["labels"] = save_nifti(out / LABELS_FILE, _compact(cube_labels), cube_affine)
         if table is not None and table.is_file():
             with atomic_path(out / STRUCTURES_FILE) as tmp:
@@ -268,9 +291,14 @@ def _prepare(ct_path, labels_path, out, size, bones, structures_csv, side_mm, ce
         "hu_to_mu": "mu = max(mu_water * (1 + HU / 1000), 0)",
         "fov_fill_below_hu": fov_fill_below,
         "antialias": antialias,
-        "bones": None
+        "bones": {
+            "method": "threshold",
+            **dataclasses.asdict(bone_threshold),
+            "source_voxels": int(mask.sum()),
+        }
         if ids is None
         else {
+            "method": "labels",
             "selection": _jsonable(bones),
             "ids": ids,
             "ids_present": sorted(set(np.unique(labels[mask]).tolist())),

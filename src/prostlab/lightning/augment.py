@@ -131,9 +131,11 @@ class TrainingAugmentation:
             cache_grid=False,
         )
 
-    def generator(self, step: int) -> torch.Generator:
-        """The step's torch generator (also seeds MONAI's numpy state)."""
-        return case_generator(self.seed, AUGMENT_STREAM, int(step))
+    def generator(self, step: int, volume: int = 0) -> torch.Generator:
+        """The torch generator of one volume's draws at one step (it also seeds MONAI's numpy
+        state): keyed on the volume, so that the volumes of a batch are augmented
+        independently rather than by one shared draw."""
+        return case_generator(self.seed, AUGMENT_STREAM, int(step), int(volume))
 
     def volumes(self, ct: Tensor, bone: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``(ct', bone')``, each ``(1, 1, D, H, W)``: one affine map of both, then the

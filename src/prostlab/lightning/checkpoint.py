@@ -60,3 +60,19 @@ def check_compatible(path: str | Path, model: torch.nn.Module) -> None:
     if missing:
         raise ProstlabError(f"{path}: lacks {missing[:3]}; expected the config's architecture "
                             "(model.net)")
+
+
+def load_net_weights(net: torch.nn.Module, path: str | Path) -> None:
+    """Load the network weights (the ``net.`` entries of the state dict) of the checkpoint at
+    ``path`` into ``net``, refusing another architecture with a message naming the file."""
+    state = read_checkpoint(path)["state_dict"]
+    weights = {key[len("net."):]: value for key, value in state.items() if key.startswith("net.")}
+    expected = net.state_dict()
+    wrong = sorted(k for k in expected if k not in weights
+                   or tuple(weights[k].shape) != tuple(expected[k].shape))
+    if wrong or set(weights) - set(expected):
+        raise ProstlabError(
+            f"{path}: its network differs from model.net's at {(wrong or sorted(weights))[:3]}; "
+            "expected a checkpoint of the same architecture (model.init_weights)"
+        )
+    net.load_state_dict(weights)

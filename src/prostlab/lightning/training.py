@@ -27,6 +27,7 @@ from torchmetrics import MeanMetric
 
 from prostlab.geometry import Camera, geodesic_gradient
 from prostlab.lightning.augment import TrainingAugmentation
+from prostlab.lightning.checkpoint import load_net_weights
 from prostlab.lightning.benchmark import BenchmarkLoop
 from prostlab.lightning.optim import build_optimizer, build_scheduler
 from prostlab.lightning.panels_log import log_panels
@@ -65,6 +66,9 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
             defaults); None: none. Validation and test never augment.
         benchmark: what ``prostlab test`` runs, see
             :class:`~prostlab.lightning.benchmark.BenchmarkConfig`.
+        init_weights: a checkpoint whose network weights start this run (a fresh run: step 0,
+            new optimiser and schedule), as when a cross-patient network is fine-tuned on one
+            patient; ``--ckpt_path`` instead resumes a run where it stopped.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
         max_target_points: int = 2000,
         benchmark: dict[str, Any] | None = None,
         augmentation: dict[str, Any] | None = None,
+        init_weights: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -90,6 +95,8 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
         self.net = ConvexSimilarityNet(
             Projector(self.camera, step=step, backend=backend), **(net or {})
         )
+        if init_weights is not None:
+            load_net_weights(self.net, init_weights)
         self.registration = validation_registration and as_schedule(
             validation_registration.get("schedule", "net_gradncc")
         )
@@ -125,7 +132,7 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
         for view, sel in self.volumes.groups(batch["volume_index"]):
             bone = view.bone
             if augment and self.augmentation is not None:
-                generator = self.augmentation.generator(self.global_step)
+                generator = self.augmentation.generator(self.global_step, view.index)
                 ct, bone = self.augmentation.volumes(view.ct, view.bone, generator)
                 with torch.no_grad():
                     drr = self.net.projector(ct, view.spacing, gt[sel])

@@ -23,6 +23,7 @@ class VolumeView:
     points: Tensor  # (N, 3) mTRE target points in the volume frame, mm
     fine: Tensor | None = None  # (1, 1, D', H', W') the CT before data.downsample, if kept
     fine_spacing: tuple[float, float, float] | None = None
+    index: int = 0  # the volume's place in data.volumes
 
 
 class VolumeBank(nn.Module):
@@ -84,6 +85,7 @@ class VolumeBank(nn.Module):
             getattr(self, f"points_{index}"),
             getattr(self, f"fine_{index}", None),
             self.fine_spacings.get(index),
+            index,
         )
 
     def groups(self, volume_index: Tensor):
