@@ -1,4 +1,5 @@
-"""Registration metrics: rotation and translation errors, mTRE, mPD and success rate.
+"""Registration metrics: rotation and translation errors, mTRE, mPD, DiffPose's
+landmark score and success rate.
 
 Functions (:mod:`prostlab.metrics.functional`) return one value per case; the torchmetrics
 classes (:mod:`prostlab.metrics.modules`) average them over a test loop and across processes.
@@ -8,6 +9,8 @@ functions' docstrings and ``docs/registration.md``.
 
 from prostlab.metrics.functional import (
     DEFAULT_SUCCESS_THRESHOLD_MM,
+    DIFFPOSE_SCALE,
+    diffpose_mtre,
     mean_projection_distance,
     mtre,
     rotation_error,
@@ -25,11 +28,13 @@ from prostlab.metrics.modules import (
 
 __all__ = [
     "DEFAULT_SUCCESS_THRESHOLD_MM",
+    "DIFFPOSE_SCALE",
     "MeanProjectionDistance",
     "MeanTargetRegistrationError",
     "RotationError",
     "SuccessRate",
     "TranslationError",
+    "diffpose_mtre",
     "mean_projection_distance",
     "mtre",
     "rotation_error",

@@ -14,6 +14,11 @@ and returns ``(B,)`` values in the estimate's dtype, on its device. Batches of 1
   points of the distance between their projections under the two poses, **on the detector
   plane** by default (pixels times pixel spacing), or divided by the magnification ``sdd / sid``
   to express it at the isocentre plane.
+- :func:`diffpose_mtre`: the quantity DiffPose's ``Evaluator`` reports as mTRE on DeepFluoro
+  (Gopalakrishnan, Dey & Golland, CVPR 2024): target points projected onto the detector with
+  each pose, lifted back onto the detector plane in 3D, carried into the volume frame by each
+  pose's own camera, their mean distance times 0.194. It is neither a 3D mTRE nor a distance on
+  the detector (see its docstring).
 - :func:`success`: ``mtre < threshold`` (10 mm by default, the criterion of ProST's follow-up
   work on fiducial-free registration).
 """
@@ -32,7 +37,9 @@ from prostlab.geometry import Camera, check_pose, geodesic_angle, so3_exp
 
 __all__ = [
     "DEFAULT_SUCCESS_THRESHOLD_MM",
+    "DIFFPOSE_SCALE",
     "PLANES",
+    "diffpose_mtre",
     "mean_projection_distance",
     "mtre",
     "rotation_error",
@@ -43,6 +50,10 @@ __all__ = [
 
 DEFAULT_SUCCESS_THRESHOLD_MM = 10.0
 """Success means mTRE below this many mm, as in ProST's follow-up work (Gao et al.)."""
+
+DIFFPOSE_SCALE = 0.194
+"""The factor DiffPose's ``Evaluator`` multiplies its distance by (DeepFluoro's pixel spacing in mm,
+applied to a distance that is already in mm)."""
 
 PLANES = ("detector", "isocentre")
 """Where :func:`mean_projection_distance` measures: on the detector, or scaled to the isocentre."""
@@ -173,6 +184,65 @@ def mean_projection_distance(
     if plane == "isocentre":
         distance = distance / camera.magnification
     return distance.to(est.dtype)
+
+
+def diffpose_mtre(
+    est: Tensor, gt: Tensor, points: Tensor, camera: Camera, scale: float = DIFFPOSE_SCALE
+) -> Tensor:
+    """DiffPose's ``Evaluator`` quantity, the number its paper reports as mTRE on DeepFluoro.
+
+    Source: Gopalakrishnan, Dey & Golland, "Intraoperative 2D/3D image registration via
+    differentiable X-ray rendering", CVPR 2024; the class ``Evaluator`` of ``diffpose/deepfluoro.py``
+    (github.com/eigenvivek/DiffPose). For each pose ``P`` (est and gt) and target point ``X``:
+
+    1. project: ``(u, v, 1) ~ K x`` with ``x = R X + t + sid e_z`` the camera-frame point;
+    2. lift back onto the detector plane in 3D: ``y = f K^-1 (u, v, 1)``, ``f = sdd`` (DiffPose
+       writes ``-focal_len K^-1 [u, v, 1]`` in DeepFluoro's camera frame, whose z-axis and focal
+       terms have the opposite sign: the same point);
+    3. carry ``y`` into the volume frame by that pose's own camera: ``P^-1 y = R^T (y - t - sid
+       e_z)``;
+
+    then ``scale * mean_X |P_est^-1 y_est - P_gt^-1 y_gt|`` with ``scale = 0.194`` as DiffPose
+    (its comment calls it the pixel spacing; the distance it multiplies is already in mm). The
+    lifted point is where the ray from the source through ``X`` meets the detector plane, so the
+    value does not depend on the principal point or on binning, only on ``sdd`` and the poses.
+    For one point at the isocentre and ``M = sdd / sid``: an estimate shifted by ``d`` parallel to
+    the detector gives ``scale (M - 1) d`` (the 2D distance is ``M d``, the 3D one ``d``); a shift
+    ``d`` along the beam gives ``scale d`` (2D distance 0, 3D ``d``).
+
+    Args:
+        est: ``(B, 6)`` estimated poses.
+        gt: ``(B, 6)`` or ``(1, 6)`` ground-truth poses.
+        points: ``(N, 3)`` or ``(B, N, 3)`` target points (DeepFluoro's 3D landmarks) in the volume
+            frame, mm, in front of the source under both poses.
+        camera: the camera that images them (only ``sdd`` and its ``K`` are used).
+        scale: the factor applied to the mean distance (DiffPose's 0.194).
+
+    Returns:
+        ``(B,)`` values, DiffPose's units (0.194 times mm).
+    """
+    if not isinstance(camera, Camera):
+        raise ProstlabError(f"camera: expected a prostlab.geometry.Camera, got {type(camera)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
+            math.isfinite(scale) and scale > 0):
+        raise ProstlabError(f"scale: expected a positive finite factor, got {scale!r}")
+    e, g = _poses(est, gt)
+    batch = max(e.shape[0], g.shape[0])
+    x = _points(points, batch, e.device)
+    k = camera.intrinsics.to(e.device)
+    k_inv = torch.linalg.inv(k)
+    shift = torch.tensor([0.0, 0.0, camera.sid], dtype=torch.float64, device=e.device)
+
+    def lifted(pose: Tensor) -> Tensor:
+        camera_points = _transform(pose, x) + shift
+        uvw = camera_points @ k.T
+        uv1 = uvw / uvw[..., 2:]
+        detector = camera.sdd * (uv1 @ k_inv.T)
+        rotation = so3_exp(pose[:, :3])
+        return (detector - pose[:, None, 3:] - shift) @ rotation
+
+    distance = (lifted(e) - lifted(g)).norm(dim=-1).mean(-1)
+    return (float(scale) * distance).to(est.dtype)
 
 
 def success(errors: Tensor, threshold: float = DEFAULT_SUCCESS_THRESHOLD_MM) -> Tensor:
