@@ -1,8 +1,15 @@
 """``prostlab fit`` / ``validate`` / ``test``: LightningCLI over the module and the DataModule.
 
 Every config field can be overridden on the command line (``--trainer.max_steps 100``,
-``--data.batch_size 4``); configs may use OmegaConf interpolation; the resolved config is saved
-beside the run (``config.yaml`` in the logger's folder).
+``--data.batch_size 4``); the resolved config is saved beside the run (``config.yaml`` in the
+logger's folder).
+
+Several ``--config`` files stack: each later one is an overlay. Mapping-valued sections
+(``model.benchmark``, ``model.scheduler``, ``data.test_poses``, ...) are merged key by key, so an
+overlay that sets ``model.benchmark.target`` keeps the base's ``methods`` and ``output_dir``;
+lists and plain values are replaced. OmegaConf interpolations (``${trainer.max_steps}``) are
+resolved once, after every file and flag is merged (jsonargparse's ``omegaconf+`` mode), so they
+see the final values; ``--print_config`` shows that merged, resolved config.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ import re
 import sys
 from pathlib import Path
 
+import pytorch_lightning as pl
+from jsonargparse import ActionConfigFile, set_parsing_settings
+from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -48,6 +58,38 @@ class _OneLineParser(LightningArgumentParser):
         raise ProstlabError(message)
 
 
+class _OverlayConfigFile(ActionConfigFile):
+    """``--config``: a file (or YAML string) merged over the config read so far.
+
+    jsonargparse replaces a mapping-valued argument (a ``dict`` parameter such as
+    ``model.benchmark``) whole when a later file sets it, so an overlay that changed one key
+    silently dropped the others. Here such an argument is merged key by key, recursively, with
+    its earlier value; lists and plain values are replaced, and ``null`` clears the mapping.
+    Class-valued arguments (``class_path``/``init_args``) keep jsonargparse's own merge.
+    """
+
+    @staticmethod
+    def apply_config(parser, cfg, dest, value) -> None:
+        before = cfg.clone()
+        ActionConfigFile.apply_config(parser, cfg, dest, value)
+        for action in parser._actions:
+            key = action.dest
+            old, new = before.get(key), cfg.get(key)
+            if isinstance(old, dict) and isinstance(new, dict):
+                cfg[key] = _deep_merge(old, new)
+
+
+def _deep_merge(base: dict, overlay: dict) -> dict:
+    """``overlay`` over ``base``: mappings merged recursively, anything else replaced."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        old = merged.get(key)
+        merged[key] = (
+            _deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+        )
+    return merged
+
+
 class _SaveAndLogConfig(SaveConfigCallback):
     """Save the resolved config beside the run and hand it to the logger (W&B run config)."""
 
@@ -71,13 +113,30 @@ class _ProstlabCLI(LightningCLI):
 
     _configured_model = None
 
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        """Lightning's parser, with ``--config`` files merged as overlays (module docstring)."""
+        kwargs.setdefault("dump_header", [f"pytorch_lightning=={pl.__version__}"])
+        parser = self.parser_class(**kwargs)
+        parser.add_argument(
+            "-c", "--config", action=_OverlayConfigFile,
+            help="a YAML config file; several are merged in order, each over the ones before",
+        )
+        return parser
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         # Real X-rays (DeepFluoro) are fitted to the model's detector.
         parser.link_arguments("model.camera", "data.camera")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except OmegaConfBaseException as exc:  # an interpolation that names no key
+            where = str(getattr(exc, "full_key", "") or "config").split(".", 1)[-1]
+            raise ProstlabError(
+                f"{where}: {str(exc).splitlines()[0]}; expected ${{...}} to name a key of the "
+                "merged config (e.g. ${trainer.max_steps})"
+            ) from None
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -193,12 +252,15 @@ def run_lightning(argv: list[str]) -> LightningCLI:
 
     Returns the CLI, whose ``model``, ``datamodule`` and ``trainer`` are those of the run.
     """
+    # A config's ``${trainer.max_steps}`` names a key of the subcommand's config, which sits
+    # under ``fit.``/``test.`` in the parsed whole: read as relative to the subcommand's root.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     return _ProstlabCLI(
         ConvexSimilarityModule,
         PoseDataModule,
         args=None if argv == sys.argv[1:] else argv,
         parser_class=_OneLineParser,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=_SaveAndLogConfig,
         save_config_kwargs={"overwrite": True, "save_to_log_dir": True},
