@@ -129,3 +129,40 @@ def test_a_checkpoint_of_another_camera_or_network_is_refused(tmp_path, capsys, 
     tiny_model_checkpoint(path, **{field: {**model_config[field], **value}})
     line = refusal(capsys, "test", "--ckpt_path", str(path))
     assert str(path) in line and f"model.{field}" in line
+
+
+def test_a_fresh_fit_moves_an_earlier_runs_last_checkpoint_aside(tmp_path, capsys):
+    folder = tmp_path / TINY_CHECKPOINTS
+    assert main(["fit", "--config", str(TINY), *QUICK, "--trainer.max_steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(["fit", "--config", str(TINY), *QUICK]) == 0  # no --ckpt_path: starts afresh
+    err = capsys.readouterr().err
+    moved = folder / "last-step000002.ckpt"
+    assert torch.load(moved, weights_only=True)["global_step"] == 2
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 1
+    warning = [line for line in err.splitlines() if "WARNING" in line]
+    assert len(warning) == 1 and str(moved) in warning[0]
+    assert f"--ckpt_path {moved}" in warning[0]
+    # --ckpt_path last is the newest run's last.ckpt, never a moved one
+    assert main(["fit", "--config", str(TINY), *QUICK, "--trainer.max_steps", "3",
+                 "--ckpt_path", "last"]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert sorted(p.name for p in folder.glob("last*.ckpt")) == [
+        "last-step000002.ckpt", "last.ckpt"]
+
+
+def test_move_aside_never_replaces_a_file(tmp_path):
+    from prostlab.lightning.last_checkpoint import move_aside
+
+    names = []
+    for content in ({"global_step": 36}, {"global_step": 36}, b"not a checkpoint"):
+        path = tmp_path / "last.ckpt"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)
+        names.append(move_aside(path).name)
+        assert not path.exists()
+    assert names == ["last-step000036.ckpt", "last-step000036-2.ckpt", "last-step-unknown.ckpt"]
+    assert torch.load(tmp_path / names[0], weights_only=True) == {"global_step": 36}

@@ -30,7 +30,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from prostlab.data import PoseDataModule
 from prostlab.errors import ProstlabError
 from prostlab.lightning.checkpoint import check_compatible, read_checkpoint
-from prostlab.lightning.last_checkpoint import LastCheckpoint
+from prostlab.lightning.last_checkpoint import MOVED_PREFIX, LastCheckpoint
 from prostlab.lightning.training import ConvexSimilarityModule
 
 TRAINER_DEFAULTS = {
@@ -184,7 +184,9 @@ class _ProstlabCLI(LightningCLI):
                 "or last"
             )
         if path == "last":
-            found = [p for folder in folders for p in Path(folder).glob("last*.ckpt")]
+            # Earlier runs' last.ckpt moved aside (last-step*.ckpt) are resumed by name only.
+            found = [p for folder in folders for p in Path(folder).glob("last*.ckpt")
+                     if not p.name.startswith(MOVED_PREFIX)]
             if not found:
                 raise ProstlabError(
                     f"--ckpt_path last: no last.ckpt in {', '.join(map(str, folders))}; "

@@ -14,17 +14,24 @@ A second Ctrl-C stops at once.
 
 ``last.ckpt`` is written to a temporary name and moved into place, so a kill during the write
 leaves the previous one intact. ``prostlab fit ... --ckpt_path last`` resumes from it.
+
+A run that did not resume from the folder's ``last.ckpt`` (no ``--ckpt_path``, or another
+checkpoint) would replace it, and with it an earlier run's only resume point: at the start of
+training that file is moved aside as ``last-step<global step>.ckpt`` (:func:`move_aside`) and a
+warning says where it went and how to resume it.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
@@ -32,6 +39,30 @@ from pytorch_lightning.utilities import rank_zero_info
 from prostlab.errors import ProstlabError
 
 LAST_NAME = "last.ckpt"
+MOVED_PREFIX = "last-step"
+"""Names of earlier runs' ``last.ckpt`` moved aside: ``last-step000036.ckpt``, ..."""
+
+
+def move_aside(path: str | Path) -> Path:
+    """Rename the checkpoint ``path`` to ``last-step<NNNNNN>.ckpt`` beside it; return the new path.
+
+    The step is the checkpoint's ``global_step`` (``last-step-unknown.ckpt`` when the file cannot
+    be read, which is moved all the same). A name that is taken gets ``-2``, ``-3``, ...: no file
+    is ever replaced.
+    """
+    path = Path(path)
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+        stem = f"{MOVED_PREFIX}{int(step):06d}"
+    except Exception:  # noqa: BLE001 - any unreadable content: keep the file, name it so
+        stem = f"{MOVED_PREFIX}-unknown"
+    for attempt in range(1, 10_000):
+        target = path.with_name(f"{stem}.ckpt" if attempt == 1 else f"{stem}-{attempt}.ckpt")
+        if not target.exists():
+            os.rename(path, target)
+            return target
+    raise ProstlabError(f"{path}: {stem}.ckpt to {stem}-9999.ckpt are all taken; expected room "
+                        "to move it aside (move or delete the old ones)")
 
 
 class LastCheckpoint(Callback):
@@ -102,6 +133,8 @@ class LastCheckpoint(Callback):
         # Nothing to save yet at step 0, nor at the step just resumed from this last.ckpt.
         resumed = trainer.ckpt_path is not None and self.path is not None
         resumed = resumed and os.path.realpath(trainer.ckpt_path) == os.path.realpath(self.path)
+        if not resumed and trainer.is_global_zero and self.path is not None and self.path.exists():
+            self._keep_earlier_run()
         self._saved_step = trainer.global_step if trainer.global_step == 0 or resumed else None
         self._started, self._stop_requested = True, False
         if threading.current_thread() is threading.main_thread():
@@ -149,6 +182,17 @@ class LastCheckpoint(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore_handler()
+
+    def _keep_earlier_run(self) -> None:
+        """Move an earlier run's ``last.ckpt`` aside (:func:`move_aside`) and say so."""
+        moved = move_aside(self.path)
+        print(
+            f"\nprostlab fit: WARNING: {self.path} held an earlier run that this one did not "
+            f"resume; it was moved to {moved}. To continue that run instead, stop this one and "
+            f"pass --ckpt_path {moved}\n",
+            file=sys.stderr,
+            flush=True,
+        )
 
     # -- Ctrl-C -------------------------------------------------------------------------------
 
