@@ -54,10 +54,15 @@ LANDMARK_FIELDS = (
     "initial_landmark_mtre_mm",
     "final_landmark_mtre_mm",
     "final_landmark_mrpd_mm",
+    "initial_diffpose_mtre",
+    "final_diffpose_mtre",
 )
-"""Optional keys, present when the cases have 3D landmarks (DeepFluoro): the mTRE over them and
-the mean reprojection distance on the detector plane. They follow :data:`ROW_FIELDS` in
-``cases.csv`` when any row has them."""
+"""Optional keys, present when the cases have 3D landmarks (DeepFluoro): prostlab's own 3D mTRE
+over them (initial, final), prostlab's own 2D mean reprojection distance on the detector plane,
+mm (:func:`prostlab.metrics.mean_projection_distance`), and DiffPose's ``Evaluator`` quantity,
+initial and final (:func:`prostlab.metrics.diffpose_mtre`: 0.194 times a distance in mm, the
+number DiffPose reports as mTRE). They follow :data:`ROW_FIELDS` in ``cases.csv`` when any row
+has them."""
 
 STATUSES = ("converged", "max_iterations", "failed")
 """The values of a row's ``status``."""

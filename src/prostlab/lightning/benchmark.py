@@ -39,6 +39,7 @@ from prostlab.errors import ProstlabError
 from prostlab.lightning.benchmark_output import write_benchmark
 from prostlab.lightning.targets import TargetConfig, render_targets
 from prostlab.metrics.functional import (
+    diffpose_mtre,
     mean_projection_distance,
     mtre,
     rotation_error,
@@ -160,8 +161,9 @@ def case_rows(method: str, batch_cases: torch.Tensor, volume_index: int, gt: tor
               threshold_mm: float, landmarks: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """One row per case of a registration result (see docs/benchmark.md for the columns).
 
-    With ``landmarks`` ``(L, 3)`` (volume frame, mm) the rows also hold the mTRE over them,
-    initial and final, and the final mean reprojection distance on the detector plane, mm.
+    With ``landmarks`` ``(L, 3)`` (volume frame, mm) the rows also hold the 3D mTRE over them,
+    initial and final, the final 2D mean reprojection distance on the detector plane, mm, and
+    DiffPose's ``Evaluator`` quantity, initial and final (``metrics.diffpose_mtre``).
     """
     final = result.final_poses.to(gt)
     failed = torch.tensor([r.status == "failed" for r in result.records])
@@ -184,6 +186,9 @@ def case_rows(method: str, batch_cases: torch.Tensor, volume_index: int, gt: tor
             "final_landmark_mtre_mm": torch.where(failed, nan, measure(mtre, final, marks)),
             "final_landmark_mrpd_mm": torch.where(
                 failed, nan, measure(mean_projection_distance, final, marks, camera)),
+            "initial_diffpose_mtre": measure(diffpose_mtre, initial, marks, camera),
+            "final_diffpose_mtre": torch.where(
+                failed, nan, measure(diffpose_mtre, final, marks, camera)),
         }
     rows = []
     for i, record in enumerate(result.records):
