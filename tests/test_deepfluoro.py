@@ -215,10 +215,36 @@ def test_datamodule_gives_the_real_xrays_as_test_cases(synthetic, datamodule):
     assert datamodule.xray_cameras() == [Camera.from_dict(TINY_CAMERA)]
 
 
+def test_datamodule_applies_the_ground_truth_correction(synthetic, datamodule):
+    module = PoseDataModule(
+        volumes=[{"deepfluoro": str(synthetic.path), "specimen": 1, "i0": I0,
+                  "collimator_px": BORDER_PX, "gt_correction": "xreg"}],
+        cache_dir=str(datamodule.cache_dir), size=32, bones="pelvis", camera=TINY_CAMERA,
+        test_samples=1,
+        test_poses={"initial": {"rotation_deg": 5.0, "translation_mm": 10.0}, "relative": True},
+    )
+    module.setup("test")
+    geometry = df.read_geometry(synthetic.path)
+    cube = module.prepared[0].ct
+    cube_to_lps = df.volume_to_lps(cube.affine, cube.shape[1:])
+    projection = df.read_projection(synthetic.path, SPECIMEN, "000")
+    signs = df.camera_signs(geometry.intrinsic, projection.rot_180_for_up)
+    truth = {c: df.pose_from_file(df.corrected_ground_truth(projection.cam_to_pelvis_vol, c),
+                                  geometry.extrinsic, signs, cube_to_lps, 620.0)
+             for c in ("none", "xreg")}
+    gt = module.dataset("test")[0]["gt_pose"].double()
+    assert torch.allclose(gt, truth["xreg"], atol=1e-5)
+    assert not torch.allclose(gt, truth["none"], atol=0.1)
+    assert torch.allclose(datamodule.dataset("test")[0]["gt_pose"].double(), truth["none"],
+                          atol=1e-5)
+
+
 def test_datamodule_refusals(synthetic, tmp_path):
     source = {"deepfluoro": str(synthetic.path), "specimen": 1}
     with pytest.raises(ProstlabError, match=r"data.volumes\[0\].i0: -1"):
         PoseDataModule(volumes=[{**source, "i0": -1}])
+    with pytest.raises(ProstlabError, match=r"data.volumes\[0\].gt_correction: 'DiffPose'"):
+        PoseDataModule(volumes=[{**source, "gt_correction": "DiffPose"}])
     with pytest.raises(ProstlabError, match=r"data.volumes\[0\]: keys .*expected \{deepfluoro"):
         PoseDataModule(volumes=[{**source, "view": 3}])
     with pytest.raises(ProstlabError, match=r"data.test_poses.relative"):
@@ -239,8 +265,8 @@ def _prostlab(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 
 def _test_args(synthetic) -> list[str]:
     volumes = (f"[{{deepfluoro: {synthetic.path}, specimen: 1, i0: {I0}, "
-               f"collimator_px: {BORDER_PX}}}]")
-    return ["test", "--config", str(TINY), "--data.volumes", volumes, "--data.bones", "pelvis",
+               f"collimator_px: {BORDER_PX}, gt_correction: xreg}}]")
+    return ["test", "--config", str(TINY), "--data.volumes", volumes, "--data.bones", "pelvis_xreg",
             "--data.size", "32", "--data.downsample", "1", "--data.test_samples", "3",
             "--model.benchmark.methods", "{ncc: ncc}", "--model.benchmark.max_iterations", "20",
             "--model.benchmark.gif_case", "null", "--model.benchmark.overlays", "1"]
@@ -255,10 +281,14 @@ def test_prostlab_test_on_the_synthetic_file_scores_the_landmarks(synthetic, tmp
     assert [int(r["case"]) for r in rows] == [0, 1, 2]
     for row in rows:
         for key in ("initial_landmark_mtre_mm", "final_landmark_mtre_mm",
-                    "final_landmark_mrpd_mm"):
+                    "final_landmark_mrpd_mm", "initial_diffpose_mtre", "final_diffpose_mtre"):
             assert math.isfinite(float(row[key])), key
         assert float(row["final_landmark_mtre_mm"]) < float(row["initial_landmark_mtre_mm"])
-    assert "median landmark mTRE (mm)" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "median landmark mTRE (mm)" in summary
+    assert ("- real X-rays: specimen 1; bones (the segmented CT): labels 1, 2, 3, 4, 7 (xreg's "
+            "pelvis); ground truth -0.5 mm on each translation (xreg's); I0 60000.0 (given); "
+            f"border {BORDER_PX} px masked") in summary
 
 
 def test_prostlab_test_refuses_a_camera_that_is_not_the_files(synthetic, tmp_path):
@@ -292,4 +322,4 @@ def test_shipped_config_fits_the_documented_detector():
     for flag in (False, True):
         full = df.detector_camera(geometry, df.camera_signs(geometry.intrinsic, flag), model.sid)
         df.check_fitted_camera(model, df.fitted_camera(full, model))
-    assert config["data"]["bones"] == "pelvis" and config["data"]["test_samples"] is None
+    assert config["data"]["bones"] == "pelvis_xreg" and config["data"]["test_samples"] is None

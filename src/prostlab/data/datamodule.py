@@ -125,7 +125,7 @@ class XraySource:
             (:func:`~prostlab.data.deepfluoro.volume_to_lps`).
         landmarks: ``(L, 3)`` the 3D landmarks in the cube's volume frame, mm.
         landmark_names: their names.
-        i0, collimator_px: the source's preprocessing options.
+        i0, collimator_px, gt_correction: the source's options.
     """
 
     path: Path
@@ -135,8 +135,9 @@ class XraySource:
     vol_to_lps: np.ndarray
     landmarks: np.ndarray
     landmark_names: tuple[str, ...]
-    i0: float | None
+    i0: float | str | None
     collimator_px: int
+    gt_correction: str = "none"
 
 
 class XrayCaseDataset(Dataset):
@@ -175,7 +176,7 @@ class XrayCaseDataset(Dataset):
         case = deepfluoro.xray_case(
             projection, source.geometry, source.vol_to_lps,
             (self.camera.height, self.camera.width), self.camera.sid, source.i0,
-            source.collimator_px,
+            source.collimator_px, source.gt_correction,
         )
         generator = case_generator(self.seed, SPLITS.index("test"), index)
         offset = self.sampler.initial.sample(1, generator, first=index)
@@ -203,8 +204,8 @@ class PoseDataModule(pl.LightningDataModule):
         volumes: the data, a list of entries, each ``{"prepared": DIR}`` (a folder written by
             ``prostlab prepare``), ``{"ct": PATH, "labels": PATH}`` (prepared into
             ``cache_dir`` on first use), or ``{"deepfluoro": FILE, "specimen": N}`` (a DeepFluoro
-            specimen, 1-6 or a group name, its CT prepared into ``cache_dir``; optional ``i0``
-            and ``collimator_px``, see :func:`~prostlab.data.deepfluoro.xray_case`). Default:
+            specimen, 1-6 or a group name, its CT prepared into ``cache_dir``; optional ``i0``,
+            ``collimator_px``, ``gt_correction``: :func:`~prostlab.data.deepfluoro.xray_case`). Default:
             the bundled example.
         cache_dir: where raw CTs are prepared to, one folder per CT and preparation settings.
         size: voxels per cube edge when preparing.
@@ -413,7 +414,7 @@ class PoseDataModule(pl.LightningDataModule):
         return XraySource(
             source["deepfluoro"], specimen, tuple(deepfluoro.projection_ids(source["deepfluoro"], specimen)),
             deepfluoro.read_geometry(source["deepfluoro"]), vol_to_lps, points.astype(np.float32),
-            names, source["i0"], source["collimator_px"],
+            names, source["i0"], source["collimator_px"], source["gt_correction"],
         )
 
     def xray_cameras(self) -> list[Camera]:

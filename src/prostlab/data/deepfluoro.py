@@ -43,14 +43,29 @@ the patient's head is at the top and the image is the view from the source. Then
 
 gives the prostlab pose ``(log R, t)`` of the prepared cube, where ``M`` maps prostlab's volume
 frame of the cube to RAS (from ``meta.json``'s affine) and ``L = diag(-1, -1, 1)`` maps RAS to
-LPS. :func:`pose_to_file` is the inverse. The file's matrices are used as stored: xreg subtracts
-0.5 mm from ``T``'s translation for a texture-indexing difference of its own ray caster; DiffPose
-does not, and neither does this reader.
+LPS. :func:`pose_to_file` is the inverse.
+
+**The ground truth's half-millimetre** (:data:`GT_CORRECTIONS`, the source option
+``gt_correction``). xreg's sample registration app (rg2/xreg,
+``apps/hip_surgery/sample_single_view_regi_2d_3d``) replaces every ``T`` by ``C T`` with ``C`` a
+translation of -0.5 mm on each axis, "an inconsistency with linear interpolation texture indexing
+between when the ground truth was constructed and now"; DiffPose (``diffpose/deepfluoro.py``) uses
+``T`` as stored. ``"none"`` (the default) is DiffPose's, ``"xreg"`` xreg's: up to 0.87 mm apart
+at every point of the CT.
+
+**I0** (the source option ``i0``, :func:`detector_line_integrals`): ``null`` is prostlab's
+estimate (the 99.5th percentile of the field, brighter pixels clipped to a line integral of 0), a
+number a fixed ``I0``; ``"diffpose"`` reproduces DiffPose's ``preprocess`` (a 5 x 5 Gaussian of
+sigma 1 pixel on the collimated field, then ``log 65487 - log I``), ``"xreg"`` xreg's
+``ProjPreProc`` (``I0`` the maximum of the field smoothed by ITK's discrete Gaussian of variance 2
+pixels^2, then ``-log(I / I0)`` of the unsmoothed image). Neither clips.
 
 Label ids (the authors' README; id 7, the lower sacrum, from xreg's pelvis label map): 1 left
 hemipelvis, 2 right hemipelvis, 3 vertebrae, 4 upper sacrum, 5 left femur, 6 right femur, 7
 lower sacrum. :data:`STRUCTURES` files them so that the ``pelvis`` preset selects the hips and
-the sacrum (ProST's pelvis).
+the sacrum, 1, 2, 4, 7 (ProST's pelvis), and the ``pelvis_xreg`` preset adds the vertebrae, 1, 2,
+3, 4, 7: the labels xreg's sample app renders as the pelvis (its look-up table maps exactly these
+to 1). DiffPose renders the whole CT.
 """
 
 from __future__ import annotations
@@ -75,6 +90,9 @@ from prostlab.outputs import atomic_path
 
 __all__ = [
     "COLLIMATOR_PX",
+    "DIFFPOSE_I0",
+    "GT_CORRECTIONS",
+    "I0_MODES",
     "LPS_FROM_RAS",
     "SPECIMEN_IDS",
     "STRUCTURES",
@@ -84,7 +102,9 @@ __all__ = [
     "XrayCase",
     "camera_signs",
     "check_fitted_camera",
+    "corrected_ground_truth",
     "detector_camera",
+    "detector_line_integrals",
     "export_specimen",
     "fitted_camera",
     "landmarks_in_volume",
@@ -92,6 +112,7 @@ __all__ = [
     "pose_from_file",
     "pose_to_file",
     "projection_ids",
+    "protocol",
     "read_geometry",
     "read_landmarks",
     "read_projection",
@@ -112,6 +133,23 @@ COLLIMATOR_PX = 50
 """Border of the full-resolution image shadowed by the collimator, pixels (the authors crop 50
 pixels from each border before use)."""
 
+GT_CORRECTIONS = {"none": 0.0, "xreg": -0.5}
+"""Offset, mm, added to each of the three translation terms of every ground truth ``T``
+(``cam-to-pelvis-vol``): ``"none"``, the file as stored (DiffPose); ``"xreg"``, xreg's -0.5 mm."""
+
+DIFFPOSE_I0 = 65487.0
+"""DiffPose's fixed ``I0`` (``initial_energy`` of its ``preprocess``)."""
+
+I0_MODES = ("diffpose", "xreg")
+"""The named ``i0`` settings (see :func:`detector_line_integrals`)."""
+
+DIFFPOSE_BLUR = (5, 1.0)
+"""DiffPose's Gaussian blur before the log: kernel size, sigma in pixels."""
+
+XREG_I0_VARIANCE = 2.0
+"""xreg's smoothing before it takes the maximum as ``I0``: variance, pixels^2 (ITK's
+``DiscreteGaussianImageFilter``, maximum error 0.01)."""
+
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """``L``: RAS to LPS (and back: it is its own inverse)."""
 
@@ -125,7 +163,7 @@ STRUCTURES = (
     Structure("sacrum", "sacrum", 7),
 )
 """DeepFluoro's label ids as a class table (:mod:`prostlab.data.labels`): ``bones: pelvis``
-selects 1, 2, 4, 7; ``"1,2,3,4,7"`` is xreg's pelvis (with the vertebrae)."""
+selects 1, 2, 4, 7 (ProST's pelvis); ``bones: pelvis_xreg`` 1, 2, 3, 4, 7 (xreg's)."""
 
 DEEPFLUORO_NAMES = {1: "left-hemipelvis", 2: "right-hemipelvis", 3: "vertebrae",
                     4: "upper-sacrum", 5: "left-femur", 6: "right-femur", 7: "lower-sacrum"}
@@ -456,7 +494,98 @@ def landmarks_in_volume(landmarks_lps: np.ndarray, vol_to_lps: np.ndarray) -> np
     return (homogeneous @ np.linalg.inv(vol_to_lps).T)[:, :3]
 
 
+def corrected_ground_truth(cam_to_pelvis_vol: np.ndarray, correction: str = "none") -> np.ndarray:
+    """A file's ground truth ``T`` with :data:`GT_CORRECTIONS` ``[correction]`` added to each of its
+    translation terms: ``"none"`` returns a copy of ``T``, ``"xreg"`` xreg's ``C T`` with ``C`` the
+    translation by (-0.5, -0.5, -0.5) mm."""
+    if correction not in GT_CORRECTIONS:
+        raise ProstlabError(f"gt_correction: {correction!r}; expected one of "
+                            f"{', '.join(map(repr, GT_CORRECTIONS))}")
+    matrix = np.array(cam_to_pelvis_vol, dtype=np.float64)
+    matrix[:3, 3] += GT_CORRECTIONS[correction]
+    return matrix
+
+
 # ---------------------------------------------------------------------------- X-ray cases
+def _gaussian_taps(size: int, sigma: float) -> np.ndarray:
+    """The normalised samples of ``exp(-x^2 / (2 sigma^2))`` at ``x = -(size - 1) / 2 ...``
+    (the kernel of torchvision's ``gaussian_blur``, which DiffPose calls)."""
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    taps = np.exp(-0.5 * (x / sigma) ** 2)
+    return taps / taps.sum()
+
+
+def _discrete_gaussian_taps(variance: float, max_error: float = 0.01) -> np.ndarray:
+    """Lindeberg's discrete Gaussian ``e^-t I_n(t)``, ``t = variance``, from ``n = 0`` until the
+    taps hold ``1 - max_error`` of the mass, normalised (ITK's ``GaussianOperator``, which xreg's
+    ``DiscreteGaussianImageFilter`` uses)."""
+    from scipy.special import ive
+
+    half = [float(ive(0, variance))]
+    total = half[0]
+    while total < 1.0 - max_error:
+        half.append(float(ive(len(half), variance)))
+        total += 2.0 * half[-1]
+    taps = np.array(half[:0:-1] + half)
+    return taps / taps.sum()
+
+
+def _smoothed(image: np.ndarray, taps: np.ndarray, mode: str) -> np.ndarray:
+    from scipy import ndimage
+
+    out = ndimage.correlate1d(image, taps, axis=0, mode=mode)
+    return ndimage.correlate1d(out, taps, axis=1, mode=mode)
+
+
+def detector_line_integrals(intensity: np.ndarray, valid: np.ndarray,
+                            i0: float | str | None = None) -> tuple[np.ndarray, float]:
+    """Line integrals of the oriented full-resolution image over its collimated field ``valid``
+    (a centred rectangle), and the ``I0`` used.
+
+    - ``None``: prostlab's estimate, :func:`prostlab.xray.preprocess.line_integrals` (``I0`` the
+      99.5th percentile of the field; ``max(0, -log(I / I0))``, the brighter pixels clipped to 0).
+    - a number: that ``I0``, same transform.
+    - ``"diffpose"``: DiffPose's ``preprocess`` (``diffpose/deepfluoro.py``): the field, cropped as
+      its ``center_crop``, blurred by a 5 x 5 Gaussian of sigma 1 pixel (torchvision's
+      ``gaussian_blur``: sampled taps, reflected border), then ``log 65487 - log I``; 65487 is the
+      largest intensity of the data set. Its final rescale to [0, 1] is not applied (a similarity
+      invariant to gain and offset, such as NCC, does not see it).
+    - ``"xreg"``: xreg's ``ProjPreProc`` (``lib/image/xregProjPreProc.cpp``,
+      ``xregImageIntensLogTrans.cpp``): ``I0`` the maximum of the field smoothed by ITK's discrete
+      Gaussian of variance 2 pixels^2 (border replicated), then ``-log(I / I0)`` of the unsmoothed
+      field; pixels brighter than ``I0`` give negative values, kept.
+
+    In both named settings an intensity ``<= 1e-6`` takes the largest finite line integral of
+    the field (xreg's rule), and the pixels outside the field are 0 (they are masked).
+    """
+    from prostlab.xray.preprocess import line_integrals
+
+    if i0 is None or not isinstance(i0, str):
+        return line_integrals(intensity, i0=i0, valid=valid)
+    if i0 not in I0_MODES:
+        raise ProstlabError(f"i0: {i0!r}; expected a positive intensity, null or one of "
+                            f"{', '.join(map(repr, I0_MODES))}")
+    rows, cols = np.nonzero(valid)
+    if rows.size == 0:
+        raise ProstlabError("i0: the collimated field is empty; expected collimator_px smaller "
+                            "than half the image")
+    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    field = np.asarray(intensity, dtype=np.float64)[box]
+    if i0 == "diffpose":
+        field = _smoothed(field, _gaussian_taps(*DIFFPOSE_BLUR), "mirror")
+        level = DIFFPOSE_I0
+    else:
+        level = float(_smoothed(field, _discrete_gaussian_taps(XREG_I0_VARIANCE), "nearest").max())
+    positive = field > 1e-6
+    if not positive.any() or not level > 0:
+        raise ProstlabError(f"i0: {i0!r} found no positive intensity in the collimated field")
+    lines = np.zeros(np.shape(intensity), dtype=np.float64)
+    lines[box] = np.where(positive, -np.log(np.where(positive, field, 1.0) / level),
+                          -np.log(field[positive].min() / level))
+    return lines.astype(np.float32), level
+
+
+
 @dataclass(frozen=True)
 class XrayCase:
     """A projection ready for registration on a prostlab detector.
@@ -477,18 +606,18 @@ class XrayCase:
 
 
 def xray_case(projection: Projection, geometry: Geometry, vol_to_lps: np.ndarray,
-              shape: tuple[int, int], sid: float, i0: float | None = None,
-              collimator_px: int = COLLIMATOR_PX) -> XrayCase:
+              shape: tuple[int, int], sid: float, i0: float | str | None = None,
+              collimator_px: int = COLLIMATOR_PX, gt_correction: str = "none") -> XrayCase:
     """Orient, log-transform and fit a projection to a ``shape = (h, w)`` detector.
 
     Steps: the stored image is flipped into prostlab's orientation (:func:`orient_image`); the
     pixels within ``collimator_px`` of its border are masked; intensities become line integrals
-    with ``I0`` given or estimated from the unmasked pixels
-    (:func:`prostlab.xray.preprocess.line_integrals`); the image and mask are binned and
+    as ``i0`` says (:func:`detector_line_integrals`); the image and mask are binned and
     centre-cropped to ``shape`` with the camera updated
-    (:func:`prostlab.xray.preprocess.fit_to_detector`); the pose is :func:`pose_from_file`.
+    (:func:`prostlab.xray.preprocess.fit_to_detector`); the pose is :func:`pose_from_file` of the
+    ground truth corrected as ``gt_correction`` says (:func:`corrected_ground_truth`).
     """
-    from prostlab.xray.preprocess import fit_to_detector, line_integrals
+    from prostlab.xray.preprocess import fit_to_detector
 
     if projection.intensity.shape != (geometry.rows, geometry.cols):
         raise ProstlabError(
@@ -501,10 +630,10 @@ def xray_case(projection: Projection, geometry: Geometry, vol_to_lps: np.ndarray
     valid = np.zeros(intensity.shape, dtype=bool)
     valid[collimator_px:intensity.shape[0] - collimator_px,
           collimator_px:intensity.shape[1] - collimator_px] = True
-    lines, used_i0 = line_integrals(intensity, i0=i0, valid=valid)
+    lines, used_i0 = detector_line_integrals(intensity, valid, i0)
     image, mask, fitted = fit_to_detector(lines, valid, camera, tuple(shape))
-    pose = pose_from_file(projection.cam_to_pelvis_vol, geometry.extrinsic, signs, vol_to_lps,
-                          sid)
+    truth = corrected_ground_truth(projection.cam_to_pelvis_vol, gt_correction)
+    pose = pose_from_file(truth, geometry.extrinsic, signs, vol_to_lps, sid)
     return XrayCase(np.asarray(image, dtype=np.float32), np.asarray(mask, dtype=bool), fitted,
                     pose, float(used_i0))
 
@@ -567,20 +696,61 @@ def export_specimen(path: str | Path, specimen: int | str, folder: str | Path) -
 
 
 def source_options(source: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Check a ``{deepfluoro: FILE, specimen: N, i0: null, collimator_px: 50}`` entry."""
-    allowed = {"deepfluoro", "specimen", "i0", "collimator_px"}
+    """Check a ``{deepfluoro: FILE, specimen: N, i0: null, collimator_px: 50, gt_correction:
+    none}`` entry (docs/deepfluoro.md)."""
+    allowed = {"deepfluoro", "specimen", "i0", "collimator_px", "gt_correction"}
     unknown = sorted(set(source) - allowed)
     if unknown or "specimen" not in source:
         raise ProstlabError(f"{where}: keys {sorted(source)}; expected {{deepfluoro: FILE, "
-                            "specimen: 1-6 or a group name}, optionally i0, collimator_px")
+                            "specimen: 1-6 or a group name}, optionally i0, collimator_px, "
+                            "gt_correction")
     i0 = source.get("i0")
-    if i0 is not None and (isinstance(i0, bool) or not isinstance(i0, numbers.Real)
-                           or not (math.isfinite(i0) and i0 > 0)):
-        raise ProstlabError(f"{where}.i0: {i0!r}; expected a positive intensity or null "
-                            "(estimated from the image)")
+    if isinstance(i0, str):
+        if i0 not in I0_MODES:
+            raise ProstlabError(f"{where}.i0: {i0!r}; expected a positive intensity, null "
+                                f"(estimated from the image) or one of {', '.join(I0_MODES)}")
+    elif i0 is not None and (isinstance(i0, bool) or not isinstance(i0, numbers.Real)
+                             or not (math.isfinite(i0) and i0 > 0)):
+        raise ProstlabError(f"{where}.i0: {i0!r}; expected a positive intensity, null "
+                            f"(estimated from the image) or one of {', '.join(I0_MODES)}")
     border = source.get("collimator_px", COLLIMATOR_PX)
     if isinstance(border, bool) or not isinstance(border, numbers.Integral) or border < 0:
         raise ProstlabError(f"{where}.collimator_px: {border!r}; expected a whole number of "
                             "pixels >= 0")
+    correction = source.get("gt_correction", "none")
+    if correction not in GT_CORRECTIONS:
+        raise ProstlabError(f"{where}.gt_correction: {correction!r}; expected one of "
+                            f"{', '.join(GT_CORRECTIONS)} (none: the file's ground truth as "
+                            "stored, as DiffPose; xreg: -0.5 mm on each translation, as xreg)")
     return {"deepfluoro": Path(source["deepfluoro"]), "specimen": source["specimen"],
-            "i0": None if i0 is None else float(i0), "collimator_px": int(border)}
+            "i0": i0 if i0 is None or isinstance(i0, str) else float(i0),
+            "collimator_px": int(border), "gt_correction": correction}
+
+
+def protocol(source: Mapping[str, Any], bones: Any) -> str:
+    """One line stating the choices a DeepFluoro score depends on, for the results: specimen,
+    rendered bones, ground truth, ``I0`` and the masked border. ``source`` is a checked entry
+    (:func:`source_options`)."""
+    import tempfile
+
+    from prostlab.data.labels import bone_ids
+
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            ids = bone_ids(bones, write_structures(Path(folder) / "structures.csv"))
+        named = {(1, 2, 4, 7): " (prostlab's pelvis preset, ProST's)",
+                 (1, 2, 3, 4, 7): " (xreg's pelvis)"}.get(tuple(ids), "")
+        rendered = f"labels {', '.join(map(str, ids))}{named}"
+    except ProstlabError:
+        rendered = f"{bones!r}"
+    i0 = source.get("i0")
+    level = {None: "the 99.5th percentile of the field (prostlab's)",
+             "diffpose": "65487 after a 5x5 Gaussian (DiffPose's)",
+             "xreg": "the maximum of the smoothed field (xreg's)"}.get(i0, f"{i0} (given)")
+    correction = source.get("gt_correction", "none")
+    truth = {"none": "as stored (DiffPose's)",
+             "xreg": "-0.5 mm on each translation (xreg's)"}[correction]
+    return (f"specimen {source['specimen']}; bones (the segmented CT): {rendered}; "
+            f"ground truth {truth}; I0 {level}; border {source.get('collimator_px', COLLIMATOR_PX)}"
+            " px masked")
+

@@ -7,7 +7,9 @@ columns ``group,original_idx,structure,id`` (TotalSegmentator-style, as in
 * a preset: ``"bones"`` = the groups ``vertebrae``, ``ribs`` and ``skeleton`` (all bones of the
   table, plus sternum and costal cartilages, which the table files under ``ribs``);
   ``"pelvis"`` = the structures ``sacrum``, ``hip_left``, ``hip_right`` (ids 25, 77, 78), ProST's
-  pelvis;
+  pelvis; ``"pelvis_xreg"`` = those and the structure ``vertebrae``, which only DeepFluoro's
+  table has (its labels 1, 2, 3, 4, 7: the pelvis xreg renders, lumbar vertebrae included;
+  :mod:`prostlab.data.deepfluoro`);
 * a group name of the table, e.g. ``"vertebrae"``;
 * label ids: a sequence of integers, or a string of comma-separated integers such as ``"25,77,78"``.
 
@@ -30,6 +32,7 @@ from prostlab.errors import ProstlabError
 PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     "bones": {"groups": ("vertebrae", "ribs", "skeleton")},
     "pelvis": {"structures": ("sacrum", "hip_left", "hip_right")},
+    "pelvis_xreg": {"structures": ("sacrum", "hip_left", "hip_right", "vertebrae")},
 }
 """Named bone selections, as groups or structure names of the class table."""
 

@@ -9,6 +9,7 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 
 from prostlab.benchmark import markdown_table, summarise, write_cases_csv, write_summary
+from prostlab.data import deepfluoro
 from prostlab.outputs import point_latest
 from prostlab.viz.report import (
     plot_mtre_cdf,
@@ -34,6 +35,18 @@ def _render(module, outcome, poses: torch.Tensor) -> torch.Tensor:
     return images[:, 0].cpu()
 
 
+def _real_xrays(module) -> dict[str, Any]:
+    """``{"real X-rays": "<protocol>; ..."}`` when the test cases are DeepFluoro X-rays: the
+    bones rendered, the ground truth's correction and ``I0`` of each specimen, which the landmark
+    scores depend on (:func:`prostlab.data.deepfluoro.protocol`); else nothing."""
+    datamodule = getattr(module.trainer, "datamodule", None)
+    xrays = getattr(datamodule, "xrays", None)
+    if not xrays:
+        return {}
+    lines = [deepfluoro.protocol(datamodule.sources[i], datamodule.bones) for i in sorted(xrays)]
+    return {"real X-rays": " | ".join(lines)}
+
+
 def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
     """Write ``cases.csv``, ``summary.json/.md``, figures and a GIF into the run's folder
     ``module.bench_folder`` (made by the test loop's start), then point ``output_dir/latest`` at
@@ -52,6 +65,7 @@ def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
         "moving": config.moving,
         "run": folder.name,
         "methods": {k: (v if isinstance(v, str) else "custom") for k, v in config.methods.items()},
+        **_real_xrays(module),
     }
     figures = {  # the capture-range figure first: it is the headline
         "success_vs_initial": plot_success_vs_initial(rows, folder / "success_vs_initial.png",
