@@ -20,6 +20,8 @@
 // fly; nothing of size P x K is stored. Volume gradients are scattered with atomicAdd; pose
 // gradients are summed per ray in registers, then over the warp (shuffles), then added with one
 // atomicAdd per entry per warp. gvol and gM must be zeroed before the launch; out need not be.
+// Either sum can be done in a fixed order instead (pose_slots, gvol_copy, gvol_fixed: see "the
+// reductions" in prost_common.cuh), which makes the gradients bit-reproducible.
 // A ray whose geometry (M or d) is not finite has no samples and NaN outputs (images, gM).
 //
 // Kernel names: prost_<primitive>_<f32|f64>; all take the same parameter list (PROST_PARAMS).
@@ -113,7 +115,9 @@ __device__ __forceinline__ void vjp_body(const Launch<T>& L) {
     for (int k = 0; k < ray.count; ++k) {
       const long long next = ray.k_first + k + kPrefetchDistance;
       if (L.need_M) prefetch_cell(ray, next, L, L.vol + L.channel_offset(b, 0), false);
-      if (L.need_vol) prefetch_cell(ray, next, L, L.gvol + L.channel_offset(b, 0), true);
+      if (L.need_vol && !(L.gvol_fixed > T(0)))
+        prefetch_cell(ray, next, L, L.gvol + host_worker() * L.gvol_copy + L.channel_offset(b, 0),
+                      true);
       const T tau = T(ray.k_first + k) * L.step;
       const Cell<T> cell(ray, tau, L);
       const Weights<T> wt(cell.f);
@@ -128,7 +132,7 @@ __device__ __forceinline__ void vjp_body(const Launch<T>& L) {
 #pragma unroll
           for (int n = 0; n < 8; ++n)
             coeff[n] = gs * (second_order ? wt.weight_rate(n, dq) : wt.weight(n));
-          cell.scatter(L.gvol + offset, coeff);
+          cell.scatter(L, offset, coeff);
         }
         if (L.need_M) {
           T v[8];
@@ -153,7 +157,7 @@ __device__ __forceinline__ void vjp_body(const Launch<T>& L) {
       }
     }
   }
-  if (L.need_M) add_pose_gradient(L.gM + 12 * (long long)b, S0, S1, d);
+  if (L.need_M) add_pose_gradient(L, b, p, S0, S1, d);
 }
 
 }  // namespace prost
@@ -165,12 +169,14 @@ __device__ __forceinline__ void vjp_body(const Launch<T>& L) {
       const T *__restrict__ dirs, const T *__restrict__ lengths, const T *__restrict__ g,   \
       T *__restrict__ out, T *__restrict__ gvol, T *__restrict__ gM, int B, int P, int C,   \
       int vol_batched, int D, int H, int W, T inv_s0, T inv_s1, T inv_s2, T h0, T h1, T h2, \
-      T step, int need_vol, int need_M, int brick_shift
+      T step, int need_vol, int need_M, int brick_shift, int pose_slots, long long gvol_copy, \
+      T gvol_fixed
 
 #define PROST_LAUNCH(T)                                                           \
   prost::Launch<T> {                                                              \
     vol, M, dM, dirs, lengths, g, out, gvol, gM, B, P, C, vol_batched, {D, H, W}, \
-        {inv_s0, inv_s1, inv_s2}, {h0, h1, h2}, step, need_vol, need_M, brick_shift \
+        {inv_s0, inv_s1, inv_s2}, {h0, h1, h2}, step, need_vol, need_M, brick_shift,   \
+        pose_slots, gvol_copy, gvol_fixed                                          \
   }
 
 #define PROST_KERNEL(name, T, ...)                                            \

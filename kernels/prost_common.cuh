@@ -39,6 +39,22 @@ __device__ __forceinline__ T min_(T a, T b) { return b < a ? b : a; }
 template <typename T>
 __device__ __forceinline__ T max_(T a, T b) { return a < b ? b : a; }
 
+// The host worker (OpenMP thread) running this block, 0 on a GPU (emulation/cuda_host.h).
+__device__ __forceinline__ long long host_worker() {
+#ifdef PROST_HOST_EMULATION
+  return prost_host::worker;
+#else
+  return 0;
+#endif
+}
+
+// x in fixed point, round(x scale), as the two's-complement bits that an unsigned atomicAdd
+// sums exactly (integer addition does not depend on the order).
+template <typename T>
+__device__ __forceinline__ unsigned long long to_fixed(T x, T scale) {
+  return (unsigned long long)llrint((double)x * (double)scale);
+}
+
 // A value larger than any ray parameter (stands for +inf in the slab test).
 template <typename T> __device__ __forceinline__ T huge_();
 template <> __device__ __forceinline__ float huge_<float>() { return 1e30f; }
@@ -78,6 +94,10 @@ struct Launch {
   T step;         // sample spacing along a ray, mm
   int need_vol, need_M;
   int brick_shift;  // 0: linear layout; b > 0: bricks of 2^b voxels a side (see above)
+  // How the reductions across threads are done (see "the reductions" below):
+  int pose_slots;      // 0: atomicAdd into gM (B, 3, 4); 1: gM is (B, pose_slot_count(), 12)
+  long long gvol_copy; // > 0 (host only): each host worker w scatters into gvol + w gvol_copy
+  T gvol_fixed;        // > 0: gvol is int64 (fixed point, this many units per 1), added exactly
 
   // Voxels per channel as stored (the padded grid when bricked).
   __device__ __forceinline__ long long voxels() const {
@@ -245,11 +265,26 @@ struct Cell {
     for (int n = 0; n < 8; ++n) v[n] = inside(n) ? __ldg(channel + index(n)) : T(0);
   }
 
-  // channel[corner n] += coeff[n] for the corners inside the grid (atomic).
-  __device__ __forceinline__ void scatter(T* __restrict__ channel, const T coeff[8]) const {
+  // gvol[offset + corner n] += coeff[n] for the corners inside the grid, as L.gvol_fixed and
+  // L.gvol_copy say (see "the reductions" below).
+  __device__ __forceinline__ void scatter(const Launch<T>& L, long long offset,
+                                          const T coeff[8]) const {
+    if (L.gvol_fixed > T(0)) {
+      unsigned long long* fixed = reinterpret_cast<unsigned long long*>(L.gvol) + offset;
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
-      if (inside(n)) atomicAdd(channel + index(n), coeff[n]);
+      for (int n = 0; n < 8; ++n)
+        if (inside(n)) atomicAdd(fixed + index(n), to_fixed(coeff[n], L.gvol_fixed));
+    } else if (L.gvol_copy > 0) {
+      T* own = L.gvol + host_worker() * L.gvol_copy + offset;
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+        if (inside(n)) own[index(n)] += coeff[n];
+    } else {
+      T* channel = L.gvol + offset;
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+        if (inside(n)) atomicAdd(channel + index(n), coeff[n]);
+    }
   }
 };
 
@@ -362,7 +397,22 @@ struct Weights {
   }
 };
 
-// ------------------------------------------------------------------------ the pose reduction
+// ------------------------------------------------------------------------------ the reductions
+
+// Two sums run across threads: the pose gradient gM[b] over the rays of b, and the volume
+// gradient over the samples that touch a voxel. By default both use atomicAdd, whose order
+// varies from run to run (floating-point addition is not associative), so repeated gradients
+// differ in their last bits. A launch can ask for a fixed order instead:
+//
+//   * pose_slots: each warp (on the host: each run of kSlotRays (32) consecutive rays, which one
+//     worker walks in order) adds its rays' 12 entries into its own slot, with plain adds;
+//     the caller sums the slots in a fixed tree. Slot of ray p: p / 32.
+//   * gvol_copy (host): blocks are dealt to workers in a fixed round robin, and each worker
+//     scatters into its own copy of gvol with plain adds; the caller sums the copies in worker
+//     order. The result depends on the number of workers, not on their timing.
+//   * gvol_fixed (GPU or host): gvol is an int64 array and each contribution is rounded to a
+//     multiple of 1 / gvol_fixed first; integer atomics give the same sum in any order.
+constexpr int kSlotRays = 32;
 
 // The sum of v over the warp, in lane 0 (the identity where warpSize is 1, as in the host
 // emulation). Every lane of the warp must call it.
@@ -374,21 +424,31 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// Add a ray's share of a pose gradient to gM[b] (3 x 4, row-major):
+// Add ray p's share of the pose gradient of batch item b:
 //   gM[b] += [ S1 d^T | S0 ],   S0 = sum_k gx_k,  S1 = sum_k tau_k gx_k,
 // where gx_k is the gradient w.r.t. the sample position x_k (mm). The 12 entries are summed over
-// the warp first, so a warp issues 12 atomics rather than 12 per ray. Every thread of the block
-// must call it (inactive threads with zero sums), since the warp sum needs all lanes.
+// the warp first, so a warp issues 12 adds rather than 12 per ray: atomics into gM, or, with
+// pose_slots, plain adds into the warp's slot (slots of gridDim.x blockDim.x / kSlotRays per
+// batch item). Every thread of the block must call it (inactive threads with zero sums), since
+// the warp sum needs all lanes.
 template <typename T>
-__device__ __forceinline__ void add_pose_gradient(T* __restrict__ gM, const T S0[3], const T S1[3],
-                                                  const T d[3]) {
+__device__ __forceinline__ void add_pose_gradient(const Launch<T>& L, int b, int p, const T S0[3],
+                                                  const T S1[3], const T d[3]) {
   const bool lane0 = (threadIdx.x % warpSize) == 0;
+  const long long slots = (long long)gridDim.x * blockDim.x / kSlotRays;
+  T* target = L.pose_slots ? L.gM + 12 * ((long long)b * slots + p / kSlotRays)
+                           : L.gM + 12 * (long long)b;
 #pragma unroll
   for (int i = 0; i < 3; ++i) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const T e = warp_sum(j < 3 ? S1[i] * d[j] : S0[i]);
-      if (lane0) atomicAdd(gM + 4 * i + j, e);
+      if (!lane0) continue;
+      if (L.pose_slots) {
+        target[4 * i + j] += e;
+      } else {
+        atomicAdd(target + 4 * i + j, e);
+      }
     }
   }
 }

@@ -22,7 +22,11 @@ from prostlab.projector import Projector
 from prostlab.projector import projector as projector_module
 from prostlab.projector.autograd import project
 from prostlab.projector.backends import cupy_available
-from prostlab.projector.backends.cupy_backend import CupyBackend, kernel_source
+from prostlab.projector.backends.cupy_backend import (
+    CupyBackend,
+    kernel_source,
+    volume_gradient_bound,
+)
 from prostlab.projector.backends.host_emulation import HostKernelBackend, compiler
 from prostlab.projector.backends.torch_backend import TorchBackend
 from prostlab.projector.rays import RayBundle
@@ -365,6 +369,57 @@ def test_gradgradcheck_through_host_kernels(host):
     assert torch.autograd.gradgradcheck(lambda v, m: project(v, m, rays, host), (vol, M))
 
 
+@pytest.fixture
+def fixed_order_host(host) -> HostKernelBackend:
+    """The emulation running the GPU's deterministic mode: pose slots, fixed-point volume."""
+    backend = HostKernelBackend(directory=REPO / "tests" / "_build", deterministic=True)
+    backend.volume_order = "fixed"
+    return backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("scenario", ["centred", "face", "miss"])
+def test_deterministic_mode_matches_torch(fixed_order_host, scenario, dtype):
+    """The CUDA kernels' fixed-order sums (what CupyBackend(deterministic=True) launches)."""
+    rays, vol, M, dM, g = camera_case(scenario, dtype, 1, 3)
+    compare_primitives(fixed_order_host, TorchBackend(), rays, vol, M, dM, g, TOLERANCE[dtype])
+
+
+def test_gradcheck_and_gradgradcheck_in_deterministic_mode(fixed_order_host):
+    rays, vol, M = tiny_problem(6, channels=2)
+    assert torch.autograd.gradcheck(lambda v, m: project(v, m, rays, fixed_order_host), (vol, M))
+    rays, vol, M = tiny_problem(7, channels=1)
+    assert torch.autograd.gradgradcheck(
+        lambda v, m: project(v, m, rays, fixed_order_host), (vol, M))
+
+
+def test_deterministic_mode_follows_the_flag_and_torch(monkeypatch):
+    monkeypatch.delenv("PROSTLAB_DETERMINISTIC", raising=False)
+    assert CupyBackend(deterministic=True).deterministic
+    assert not CupyBackend(deterministic=False).deterministic
+    assert not CupyBackend().deterministic
+    monkeypatch.setenv("PROSTLAB_DETERMINISTIC", "1")
+    assert CupyBackend().deterministic
+    monkeypatch.setenv("PROSTLAB_DETERMINISTIC", "")
+    before = torch.are_deterministic_algorithms_enabled()
+    try:  # what Trainer(deterministic=True) does
+        torch.use_deterministic_algorithms(True)
+        assert CupyBackend().deterministic
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_fixed_point_bound_holds(host):
+    """volume_gradient_bound bounds every voxel of both volume gradients, with room to spare
+    but not so much that float32's 24 bits are lost in the 62 fixed-point bits."""
+    for scenario in ("centred", "face"):
+        rays, vol, M, dM, g = camera_case(scenario, torch.float64, 1, 3)
+        for gvol, tangent in ((host.vjp(rays, vol, M, g)[0], None),
+                              (host.jvp_vjp(rays, vol, M, dM, g)[0], dM)):
+            bound = volume_gradient_bound(rays, M, tangent, g)
+            assert gvol.abs().max().item() <= bound < gvol.abs().max().item() * 2 ** 30
+
+
 # ------------------------------------------------------------------------------------- on GPU
 
 
@@ -385,6 +440,20 @@ def test_cupy_matches_torch_on_gpu(scenario, bv, channels, dtype):
 def test_cupy_matches_torch_on_faces_on_gpu(dtype):
     rays, *tensors = _to_cuda(*exact_case(dtype))
     compare_primitives(CupyBackend(), TorchBackend(), rays, *tensors, TOLERANCE[dtype])
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_deterministic_mode_on_gpu(dtype):
+    """CupyBackend(deterministic=True): torch's values, and the same bits on every repeat."""
+    rays, vol, M, dM, g = _to_cuda(*camera_case("centred", dtype, 2, 3))
+    backend = CupyBackend(deterministic=True)
+    compare_primitives(backend, TorchBackend(), rays, vol, M, dM, g, TOLERANCE[dtype])
+    first = (*backend.vjp(rays, vol, M, g), *backend.jvp_vjp(rays, vol, M, dM, g))
+    for _ in range(5):
+        again = (*backend.vjp(rays, vol, M, g), *backend.jvp_vjp(rays, vol, M, dM, g))
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
 @pytest.mark.gpu

@@ -16,11 +16,15 @@
 //     itself runs only on a GPU.
 //
 // Built with -fopenmp (the "cpu" backend), a launch runs its blocks in parallel, one OpenMP
-// thread per block at a time (schedule(dynamic)), each block's threads still one after another
-// on that OpenMP thread; the warp stays one thread wide, so the warp reductions remain exact.
-// atomicAdd is then an `omp atomic` update (float and double alike), the only memory that blocks
-// share being what the kernels write with atomicAdd. The order of those adds varies from run to
-// run, so results agree with the single-threaded build to rounding, not bit for bit.
+// thread per block at a time, each block's threads still one after another on that OpenMP
+// thread; the warp stays one thread wide, so the warp reductions remain exact. atomicAdd is then
+// an `omp atomic` update (float and double alike), the only memory that blocks share being what
+// the kernels write with atomicAdd, and the order of those adds varies from run to run. Blocks
+// are taken as threads come free (schedule(dynamic)), or, after prost_host_set_fixed_order(1),
+// dealt round robin (block i to thread i mod n: schedule(static, 1)), so that which thread runs
+// which block, in which order, is fixed for a given thread count; prost::host_worker() is then
+// the OpenMP thread's number, by which the kernels pick a private copy of what they scatter
+// into (prost_common.cuh, "the reductions").
 // prost_host_set_threads(n) sets the number of threads launches use (n <= 0: OpenMP's default).
 //
 // Each kernel listed with PROST_HOST_EXPORT(name) gets an entry point
@@ -105,6 +109,25 @@ inline void call(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
 
 // The threads a launch uses (<= 0: OpenMP's default); ignored without OpenMP.
 inline int num_threads = 0;
+// Whether blocks are dealt to threads in a fixed round robin (else as threads come free).
+inline bool fixed_order = false;
+// The OpenMP thread running the current block (0 without OpenMP).
+inline thread_local long long worker = 0;
+
+// Block i of kernel<<<grid, block>>>(args...), its threads one after another.
+template <typename... A>
+inline void run_block(void (*kernel)(A...), dim3 grid, dim3 block, void** args, long long i) {
+  gridDim = grid;  // thread-local: set on every OpenMP thread
+  blockDim = block;
+  blockIdx = {(unsigned int)(i % grid.x), (unsigned int)(i / grid.x % grid.y),
+              (unsigned int)(i / ((long long)grid.x * grid.y))};
+  for (unsigned int tz = 0; tz < block.z; ++tz)
+    for (unsigned int ty = 0; ty < block.y; ++ty)
+      for (unsigned int tx = 0; tx < block.x; ++tx) {
+        threadIdx = {tx, ty, tz};
+        call(kernel, args, std::index_sequence_for<A...>{});
+      }
+}
 
 // Run kernel<<<grid, block>>>(args...) as loops over blocks and, inside each, over its threads.
 template <typename... A>
@@ -112,25 +135,24 @@ inline void launch(void (*kernel)(A...), dim3 grid, dim3 block, void** args) {
   const long long blocks = (long long)grid.x * grid.y * grid.z;
 #ifdef _OPENMP
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  if (fixed_order) {
+#pragma omp parallel num_threads(threads)
+    {
+      worker = omp_get_thread_num();
+#pragma omp for schedule(static, 1)
+      for (long long i = 0; i < blocks; ++i) run_block(kernel, grid, block, args, i);
+    }
+    return;
+  }
 #pragma omp parallel for schedule(dynamic) num_threads(threads)
 #endif
-  for (long long i = 0; i < blocks; ++i) {
-    gridDim = grid;  // thread-local: set on every OpenMP thread
-    blockDim = block;
-    blockIdx = {(unsigned int)(i % grid.x), (unsigned int)(i / grid.x % grid.y),
-                (unsigned int)(i / ((long long)grid.x * grid.y))};
-    for (unsigned int tz = 0; tz < block.z; ++tz)
-      for (unsigned int ty = 0; ty < block.y; ++ty)
-        for (unsigned int tx = 0; tx < block.x; ++tx) {
-          threadIdx = {tx, ty, tz};
-          call(kernel, args, std::index_sequence_for<A...>{});
-        }
-  }
+  for (long long i = 0; i < blocks; ++i) run_block(kernel, grid, block, args, i);
 }
 
 }  // namespace prost_host
 
 extern "C" void prost_host_set_threads(int n) { prost_host::num_threads = n; }
+extern "C" void prost_host_set_fixed_order(int on) { prost_host::fixed_order = on != 0; }
 
 #define PROST_HOST_EXPORT(kernel)                                                          \
   extern "C" void kernel##_host(unsigned int gx, unsigned int gy, unsigned int gz,         \

@@ -2,9 +2,15 @@
 
 The kernels of the CUDA backend, built by g++ through the host-emulation header
 (``kernels/emulation/cuda_host.h``) with ``-O3 -fopenmp``: a launch runs its 128-ray blocks in
-parallel on ``torch.get_num_threads()`` threads, and the kernels' ``atomicAdd`` becomes an
-``omp atomic`` update. Same four primitives, arguments and results (to rounding) as the torch
-reference, on CPU tensors, without anything of size rays x samples in memory.
+parallel on ``torch.get_num_threads()`` threads. Same four primitives, arguments and results (to
+rounding) as the torch reference, on CPU tensors, without anything of size rays x samples in
+memory.
+
+Its sums across threads are done in a fixed order (prost_common.cuh, "the reductions"), so that
+the same inputs on the same number of threads give the same bits: the pose gradient in slots of
+32 rays that one thread walks in order, summed in a fixed tree; the volume gradient in one
+private copy per thread, the blocks dealt to the threads round robin, the copies summed in
+thread order. The thread count may change the volume gradient's last bits; nothing else does.
 
 The library is built once per process on first use, into the host emulation's cache
 (``$PROSTLAB_CACHE``, default ``~/.cache/prostlab``), keyed by the sources and the flags.
@@ -30,8 +36,8 @@ _backend: CpuKernelBackend | None = None
 class CpuKernelBackend(HostKernelBackend):
     """The four primitives by prost.cu's kernels on the CPU, blocks of rays run by OpenMP.
 
-    Results agree with the torch backend to rounding; volume and pose gradients are summed with
-    atomics in an order that varies between runs (as on a GPU), so they are not bit-reproducible.
+    Results agree with the torch backend to rounding, and repeat bit for bit on the same number
+    of threads (fixed-order sums, see the module docstring).
 
     Raises:
         ProstlabError: no C++ compiler, or the kernels do not compile (the compiler's first error).
@@ -44,9 +50,12 @@ class CpuKernelBackend(HostKernelBackend):
     tile_rays = True
 
     def __init__(self, directory: Path | None = None):
-        super().__init__(directory)
+        super().__init__(directory, deterministic=True)
         self._library.prost_host_set_threads.restype = None
         self._library.prost_host_set_threads.argtypes = [ctypes.c_int]
+
+    def _workers(self) -> int:
+        return torch.get_num_threads()
 
     def _prepare_launch(self) -> None:
         self.set_threads(torch.get_num_threads())

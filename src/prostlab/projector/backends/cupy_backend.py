@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+import os
 import re
 import threading
 import time
@@ -34,6 +35,23 @@ from prostlab.projector.rays import RayBundle
 
 BLOCK = 128
 """Threads per block (a multiple of the warp size; prost.cu's ``__launch_bounds__``)."""
+
+SLOT_RAYS = 32
+"""Rays per pose-gradient slot in a fixed-order launch (``kSlotRays`` in prost_common.cuh)."""
+
+FIXED_POINT_BITS = 62
+"""The bound on a voxel's volume gradient maps to at most ``2^62`` fixed-point units (int64)."""
+
+
+def deterministic_requested() -> bool:
+    """Whether fixed-order kernels are asked for: ``$PROSTLAB_DETERMINISTIC`` is 1 (or true),
+    or torch's deterministic algorithms are on (``Trainer(deterministic=True)`` turns them on)."""
+    flag = os.environ.get("PROSTLAB_DETERMINISTIC", "").strip().lower()
+    if flag in ("1", "true", "yes", "on"):
+        return True
+    if flag in ("0", "false", "no", "off"):
+        return False
+    return torch.are_deterministic_algorithms_enabled()
 
 _MAX_GRID_Y = 65535
 _INCLUDE = re.compile(r'^#include "([A-Za-z0-9_./]+)"\s*$', re.MULTILINE)
@@ -74,6 +92,19 @@ class KernelBackend:
     """Launch a detector's rays in Morton (Z) order of their pixels rather than row by row, so
     that the rays one thread walks in turn are neighbours in both image directions
     (:meth:`RayBundle.tiled`); the images come back in row order."""
+    volume_order = "fixed"
+    """How a fixed-order launch sums the volume gradient (prost_common.cuh, "the reductions"):
+    ``"fixed"``, in int64 fixed point (any order gives the same sum: the GPU's way), or
+    ``"copies"``, one private copy per host worker, summed in worker order (the CPU's way)."""
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether gradients are summed in a fixed order (bit-reproducible) or with atomics."""
+        return False
+
+    def _workers(self) -> int:
+        """Host workers of a launch, one volume-gradient copy each (``volume_order="copies"``)."""
+        return 1
 
     # ----------------------------------------------------------------------------- primitives
     def forward(self, rays: RayBundle, vol: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -130,9 +161,15 @@ class KernelBackend:
             rays, order = tiled
             g = None if g is None else g[..., order].contiguous()
             out = None if out is None else torch.empty_like(out)
-        args = self._arguments(rays, vol, M, dM, g, out, gvol, gM, shift)
+        order = _FixedOrder(self, grid, rays, M, dM, g, gvol, gM) if self.deterministic else None
+        if order is not None:
+            gvol, gM = order.gvol_target, order.gM_target
+        args = self._arguments(rays, vol, M, dM, g, out, gvol, gM, shift, order)
         start = time.perf_counter()
-        self._launch(f"prost_{primitive}_{suffix}", grid, (BLOCK, 1, 1), args, vol)
+        self._launch(f"prost_{primitive}_{suffix}", grid, (BLOCK, 1, 1), args, vol,
+                     fixed_order=order is not None and order.copies > 1)
+        if order is not None:
+            order.finish()
         if key is not None:
             choice = self._layout_choice()
             choice.record(key, shift, time.perf_counter() - start)
@@ -156,8 +193,9 @@ class KernelBackend:
         return self.brick_shift
 
     @staticmethod
-    def _arguments(rays, vol, M, dM, g, out, gvol, gM, brick_shift: int = 0):
-        """The kernels' common parameter list (prost.cu, ``PROST_PARAMS``)."""
+    def _arguments(rays, vol, M, dM, g, out, gvol, gM, brick_shift: int = 0, order=None):
+        """The kernels' common parameter list (prost.cu, ``PROST_PARAMS``); ``order`` a
+        :class:`_FixedOrder` for a fixed-order launch."""
         dirs = rays.directions.to(vol.dtype).contiguous()
         lengths = rays.lengths.to(vol.dtype).contiguous()
         pointers = (vol, M, dM, dirs, lengths, g, out, gvol, gM)
@@ -166,15 +204,100 @@ class KernelBackend:
         )
         reals = (*(1.0 / s for s in rays.spacing), *rays.half_support, rays.step)
         flags = (int(gvol is not None), int(gM is not None), int(brick_shift))
+        slots, copy, fixed = (0, 0, 0.0) if order is None else order.flags()
         return (
             [("ptr", t) for t in pointers]
             + [("int", int(n)) for n in ints]
             + [("real", float(x)) for x in reals]
             + [("int", f) for f in flags]
+            + [("int", slots), ("long", copy), ("real", fixed)]
         )
 
-    def _launch(self, kernel: str, grid, block, args, like: torch.Tensor) -> None:
+    def _launch(self, kernel: str, grid, block, args, like: torch.Tensor,
+                fixed_order: bool = False) -> None:
+        """Run ``kernel``; ``fixed_order``: deal blocks to host workers in a fixed round robin."""
         raise NotImplementedError
+
+
+class _FixedOrder:
+    """The buffers of a fixed-order launch and the fixed-order sums that finish it.
+
+    Pose gradient: slots (B, S, 12), one per 32 rays, summed by :func:`tree_sum`. Volume
+    gradient: ``copies`` private copies summed in worker order (``volume_order="copies"``), or an
+    int64 fixed-point array (``"fixed"``) whose scale puts :func:`volume_gradient_bound` at
+    ``2^62`` units at most. Where that bound is not finite (NaN or inf in ``g`` or ``dM``) the
+    volume gradient falls back to atomics: it is not finite either.
+    """
+
+    def __init__(self, backend, grid, rays, M, dM, g, gvol, gM):
+        self.gvol, self.gM = gvol, gM
+        self.gvol_target, self.gM_target = gvol, gM
+        self.copies, self.scale = 0, 0.0
+        if gM is not None:
+            slots = grid[0] * BLOCK // SLOT_RAYS
+            self.gM_target = gM.new_zeros(gM.shape[0], slots, 12)
+        if gvol is None:
+            return
+        if backend.volume_order == "copies":
+            self.copies = max(1, int(backend._workers()))
+            if self.copies > 1:
+                self.gvol_target = gvol.new_zeros(self.copies, *gvol.shape)
+            return
+        bound = volume_gradient_bound(rays, M, dM, g)
+        if math.isfinite(bound):
+            exponent = FIXED_POINT_BITS - math.ceil(math.log2(bound)) if bound > 0 else 0
+            self.scale = 2.0 ** max(-1000, min(1000, exponent))
+            self.gvol_target = torch.zeros(gvol.shape, dtype=torch.int64, device=gvol.device)
+
+    def flags(self) -> tuple[int, int, float]:
+        """The kernels' ``pose_slots``, ``gvol_copy`` and ``gvol_fixed`` arguments."""
+        copy = self.gvol.numel() if self.copies else 0
+        return int(self.gM is not None), copy, self.scale
+
+    def finish(self) -> None:
+        """Sum the slots into gM and the copies (or fixed-point units) into gvol."""
+        if self.gM is not None:
+            self.gM.copy_(tree_sum(self.gM_target).view(self.gM.shape))
+        if self.gvol is None or self.gvol_target is self.gvol:
+            return
+        if self.scale:
+            self.gvol.copy_(self.gvol_target.to(torch.float64) / self.scale)
+            return
+        total = self.gvol_target[0].clone()
+        for copy in self.gvol_target[1:]:  # worker order
+            total += copy
+        self.gvol.copy_(total)
+
+
+def tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` (B, S, ...) over dim 1 in a fixed pairwise tree: the first half plus the
+    second, until one is left (an odd one out waits a level). Each level is an elementwise add,
+    so the order of the additions depends only on S."""
+    while x.shape[1] > 1:
+        half = x.shape[1] // 2
+        head = x[:, :half] + x[:, half:2 * half]
+        x = torch.cat((head, x[:, 2 * half:]), 1) if x.shape[1] % 2 else head
+    return x[:, 0]
+
+
+def volume_gradient_bound(rays: RayBundle, M, dM, g) -> float:
+    """A bound on any voxel's volume gradient in a vjp (``dM`` None) or jvp_vjp launch.
+
+    A sample adds ``s g w`` to each corner of its cell, with ``|w| <= 1`` (vjp) or
+    ``|w| <= |dq|_1 <= sum_a (|dM_a3| + L |dM_a,:3|_1) / s_a`` (jvp_vjp, ``L`` the longest ray);
+    a ray has at most ``2 sqrt(3) max(s_a) / step + 1`` samples whose cell holds a given voxel.
+    """
+    step = float(rays.step)
+    per_ray = step * (2.0 * math.sqrt(3.0) * max(rays.spacing) / step + 1.0)
+    mass = g.detach().abs().to(torch.float64).sum(dim=(1, 2))  # (B,)
+    if dM is not None:
+        dm = dM.detach().abs().to(torch.float64)
+        longest = float(rays.lengths.abs().max()) if rays.lengths.numel() else 0.0
+        inv_s = torch.tensor([1.0 / s for s in rays.spacing], dtype=torch.float64,
+                             device=dm.device)
+        rate = ((dm[:, :, 3] + longest * dm[:, :, :3].sum(2)) * inv_s).sum(1)  # (B,)
+        mass = mass * rate
+    return float(mass.sum()) * per_ray
 
 
 def _zeros(like: torch.Tensor) -> torch.Tensor:
@@ -240,8 +363,18 @@ class CupyBackend(KernelBackend):
     _functions: dict = {}  # (device index, options, kernel name) -> cupy.RawKernel
     _lock = threading.Lock()
 
-    def __init__(self, options: tuple[str, ...] = ("--std=c++17",)):
+    def __init__(self, options: tuple[str, ...] = ("--std=c++17",),
+                 deterministic: bool | None = None):
         self.options = tuple(options)
+        self._deterministic = deterministic
+
+    @property
+    def deterministic(self) -> bool:
+        """Fixed-order sums (pose slots, fixed-point volume gradient) instead of atomics: as
+        given to the constructor, else :func:`deterministic_requested` at each launch."""
+        if self._deterministic is not None:
+            return self._deterministic
+        return deterministic_requested()
 
     def _function(self, kernel: str, device_index: int):
         """Kernel ``kernel`` (its name says the dtype) for ``device_index``; compiles on first use.
@@ -261,7 +394,7 @@ class CupyBackend(KernelBackend):
                 function = self._functions[key] = module.get_function(kernel)
         return function
 
-    def _launch(self, kernel, grid, block, args, like):
+    def _launch(self, kernel, grid, block, args, like, fixed_order=False):
         if like.device.type != "cuda":
             raise ProstlabError(f"backend='cupy' needs CUDA tensors; got tensors on {like.device}")
         try:
@@ -282,6 +415,8 @@ class CupyBackend(KernelBackend):
                         values.append(None if value is None else cupy.from_dlpack(value))
                     elif kind == "int":
                         values.append(numpy.int32(value))
+                    elif kind == "long":
+                        values.append(numpy.int64(value))
                     else:
                         values.append(real(value))
                 function(grid, block, tuple(values), stream=stream)

@@ -163,15 +163,25 @@ class HostKernelBackend(KernelBackend):
 
     Same arguments, shapes and results as the CUDA backend; summation orders differ (the
     emulation adds pose gradients ray by ray, the GPU warp by warp), so results agree to
-    rounding, not bit for bit.
+    rounding, not bit for bit. ``deterministic`` runs the fixed-order reductions
+    (prost_common.cuh, "the reductions"); ``volume_order`` picks how (``"copies"``, the cpu
+    backend's, or ``"fixed"``, the GPU's), so that the tests can run the GPU's arithmetic here.
     """
 
     name = "host"
     variant = "emulation"
+    volume_order = "copies"
 
-    def __init__(self, directory: Path | None = None):
+    def __init__(self, directory: Path | None = None, deterministic: bool = False):
         self._library = load_host_library(directory, self.variant)
         self._entries: dict[str, ctypes._CFuncPtr] = {}
+        self._library.prost_host_set_fixed_order.restype = None
+        self._library.prost_host_set_fixed_order.argtypes = [ctypes.c_int]
+        self._deterministic = deterministic
+
+    @property
+    def deterministic(self) -> bool:
+        return self._deterministic
 
     def _entry(self, kernel: str):
         entry = self._entries.get(kernel)
@@ -185,7 +195,7 @@ class HostKernelBackend(KernelBackend):
     def _prepare_launch(self) -> None:
         """Hook run before each launch (the cpu backend sets its thread count here)."""
 
-    def _launch(self, kernel, grid, block, args, like):
+    def _launch(self, kernel, grid, block, args, like, fixed_order=False):
         if like.device.type != "cpu":
             raise ProstlabError(f"backend={self.name!r}: expected CPU tensors, got {like.device}")
         real = ctypes.c_float if like.dtype == torch.float32 else ctypes.c_double
@@ -195,9 +205,12 @@ class HostKernelBackend(KernelBackend):
                 values.append(ctypes.c_void_p(None if value is None else value.data_ptr()))
             elif kind == "int":
                 values.append(ctypes.c_int(value))
+            elif kind == "long":
+                values.append(ctypes.c_longlong(value))
             else:
                 values.append(real(value))
         pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
         entry = self._entry(kernel)
         self._prepare_launch()
+        self._library.prost_host_set_fixed_order(int(fixed_order))
         entry(*grid, *block, pointers)  # ctypes releases the GIL for the call
