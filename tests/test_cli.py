@@ -1,9 +1,12 @@
 """The `prostlab` command line: render and prepare, and one-line errors with exit code 2."""
 
+import json
+
 import numpy as np
 import pytest
 
 from prostlab.cli import main
+from prostlab.outputs import MANIFEST
 
 SMALL = ["--height", "24", "--width", "20", "--pixel-spacing", "12", "--step", "6"]
 
@@ -176,15 +179,32 @@ def _error(capsys) -> str:
 def test_render_refuses_a_non_empty_folder_and_overwrite_replaces_stale_drrs(tmp_path, capsys):
     out = tmp_path / "drr"
     assert _render(tmp_path, out, "--pose", *["0"] * 6, "--pose", *["0"] * 5, "30") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["drr_000.png", "drr_001.png", "drrs.npy"]
+    assert _names(out) == ["drr_000.png", "drr_001.png", "drrs.npy"]
     before = (out / "drrs.npy").read_bytes()
     assert _render(tmp_path, out) == 2
     err = _error(capsys)
     assert str(out) in err and "--overwrite" in err
     assert (out / "drrs.npy").read_bytes() == before  # nothing replaced
     assert _render(tmp_path, out, "--overwrite") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["drr_000.png", "drrs.npy"]  # no stale 001
+    assert _names(out) == ["drr_000.png", "drrs.npy"]  # no stale 001
     assert np.load(out / "drrs.npy").shape[0] == 1
+
+
+def _names(folder):
+    """The files in ``folder`` but prostlab's manifest of what it wrote there."""
+    return sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
+
+
+def test_render_overwrite_keeps_files_that_prostlab_did_not_write(tmp_path, capsys):
+    out = tmp_path / "drr"
+    out.mkdir()
+    (out / "drr_for_paper.png").write_bytes(b"the user's figure")
+    assert _render(tmp_path, out, "--overwrite") == 0  # a folder prostlab never wrote to
+    assert _render(tmp_path, out, "--pose", *["0"] * 6, "--pose", *["0"] * 5, "30",
+                   "--overwrite") == 0
+    assert _render(tmp_path, out, "--overwrite") == 0
+    assert _names(out) == ["drr_000.png", "drr_for_paper.png", "drrs.npy"]
+    assert (out / "drr_for_paper.png").read_bytes() == b"the user's figure"
 
 
 @pytest.mark.parametrize("command", ["render", "prepare"])
@@ -212,8 +232,27 @@ def test_prepare_refuses_a_non_empty_folder_and_overwrite_removes_stale_files(tm
     assert main(args) == 2
     assert str(out) in _error(capsys)
     assert main([*args, "--overwrite"]) == 0
-    names = sorted(p.name for p in out.iterdir())
-    assert names == ["ct_mu.nii.gz", "meta.json"]  # the earlier bones and labels are gone
+    names = _names(out)
+    # The earlier labels are gone; the bones are now the CT's own, by threshold.
+    assert names == ["bone_mu.nii.gz", "ct_mu.nii.gz", "meta.json"]
+    assert json.loads((out / "meta.json").read_text())["bones"]["method"] == "threshold"
+
+
+def test_prepare_into_the_inputs_folder_never_replaces_an_input(tmp_path, capsys):
+    ct, labels = _ct_nifti(tmp_path)
+    (tmp_path / "structures.csv").write_text("id,name,group\n3,block,bones\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for extra in ([], ["--overwrite"]):
+        assert main(["prepare", "--ct", str(ct), "--labels", str(labels), "--bones", "3",
+                     "--out", str(tmp_path), "--size", "8", *extra]) == 2
+        err = _error(capsys)
+        assert str(labels) in err and "would replace the input" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written
+    # Without labels nothing of the folder is an output: the user's labels stay.
+    assert main(["prepare", "--ct", str(ct), "--out", str(tmp_path), "--size", "8",
+                 "--overwrite"]) == 0
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert (tmp_path / "ct_mu.nii.gz").is_file()
 
 
 def test_a_refused_job_leaves_no_new_output_folder(tmp_path, capsys):

@@ -8,12 +8,13 @@ import pytest
 
 from prostlab.errors import ProstlabError
 from prostlab.outputs import (
+    MANIFEST,
     atomic_path,
     check_writable_dir,
     fresh_output_dir,
     new_run_dir,
     point_latest,
-    remove_stale,
+    record_outputs,
     write_text,
 )
 
@@ -70,13 +71,48 @@ def test_fresh_output_dir_refuses_a_non_empty_folder_without_overwrite(tmp_path)
     assert (out / "drr_000.png").read_text() == "earlier result"  # overwrite itself removes nothing
 
 
-def test_remove_stale_removes_only_listed_files_not_kept(tmp_path):
-    for name in ("drr_000.png", "drr_001.png", "notes.txt"):
-        (tmp_path / name).write_text("x")
-    removed = remove_stale(tmp_path, ["drr_000.png", "drr_001.png", "drr_002.png"],
-                           keep=[tmp_path / "drr_000.png"])
+def _write(folder, *names):
+    for name in names:
+        (folder / name).write_text("x")
+    return [folder / name for name in names]
+
+
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
+
+
+def test_overwrite_removes_only_what_the_same_command_wrote_before(tmp_path):
+    _write(tmp_path, "drr_for_paper.png", "notes.txt")  # the user's
+    assert record_outputs(tmp_path, "render", _write(tmp_path, "drr_000.png", "drr_001.png")) == []
+    assert record_outputs(tmp_path, "register", _write(tmp_path, "pose.json")) == []
+    removed = record_outputs(tmp_path, "render", _write(tmp_path, "drr_000.png"), overwrite=True)
     assert removed == [tmp_path / "drr_001.png"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["drr_000.png", "notes.txt"]
+    assert _names(tmp_path) == ["drr_000.png", "drr_for_paper.png", "notes.txt", "pose.json"]
+    # without overwrite nothing is removed, and the earlier files stay listed
+    assert record_outputs(tmp_path, "render", _write(tmp_path, "drr_005.png")) == []
+    removed = record_outputs(tmp_path, "render", _write(tmp_path, "drr_000.png"), overwrite=True)
+    assert removed == [tmp_path / "drr_005.png"]
+
+
+def test_without_a_readable_manifest_overwrite_removes_nothing(tmp_path):
+    _write(tmp_path, "drr_000.png", "drr_001.png", "drr_for_paper.png")
+    assert record_outputs(tmp_path, "render", _write(tmp_path, "drr_000.png"), True) == []
+    (tmp_path / MANIFEST).write_text('{"format": "prostlab-outputs/1", "written": '
+                                     '{"render": ["../outside.png", ".hidden", "drr_001.png"]}}')
+    (tmp_path.parent / "outside.png").write_text("x")
+    _write(tmp_path, ".hidden")
+    removed = record_outputs(tmp_path, "render", _write(tmp_path, "drr_000.png"), True)
+    assert removed == [tmp_path / "drr_001.png"]  # plain names only, never a path or a dot file
+    assert (tmp_path.parent / "outside.png").exists() and (tmp_path / ".hidden").exists()
+    (tmp_path / MANIFEST).write_text("not json")
+    assert record_outputs(tmp_path, "render", _write(tmp_path, "drr_000.png"), True) == []
+    assert (tmp_path / "drr_for_paper.png").exists()
+
+
+def test_a_folder_holding_only_the_manifest_counts_as_empty(tmp_path):
+    record_outputs(tmp_path, "render", [])
+    assert (tmp_path / MANIFEST).is_file()
+    assert fresh_output_dir(tmp_path) == tmp_path
 
 
 def test_run_folders_are_new_and_latest_points_at_the_newest(tmp_path):

@@ -111,10 +111,9 @@ def _render_into(out: Path, args: argparse.Namespace) -> None:
 
 
 def _register(args: argparse.Namespace) -> None:
-    from prostlab.outputs import output_folder, remove_stale
+    from prostlab.outputs import output_folder, record_outputs
     from prostlab.registration.search import SearchSpace
     from prostlab.xray.register import (
-        OUTPUT_FILES,
         RegisterSettings,
         prepare_problem,
         run,
@@ -149,8 +148,7 @@ def _register(args: argparse.Namespace) -> None:
         with _progress_bars() as progress:
             registration = run(problem, settings.search_space, settings.search, progress)
         written = write_outputs(out, problem, registration, settings)
-        if args.overwrite:
-            remove_stale(out, list(OUTPUT_FILES), keep=written)
+        record_outputs(out, "register", written, args.overwrite)
     pose = registration.final
     angles = ", ".join(f"{float(a):.2f}" for a in pose[:3].rad2deg())
     shift = ", ".join(f"{float(t):.1f}" for t in pose[3:])

@@ -10,9 +10,13 @@ Every command that writes results uses these helpers:
   temporary file is removed and the target is left as it was.
 * :func:`check_writable_dir` creates a folder (and its parents) and writes and removes a probe
   file in it, so an unwritable output folder is refused *before* the work starts.
-* :func:`fresh_output_dir` is the rule of ``prostlab render`` and ``prostlab prepare``: the folder
-  must be empty (or new) unless ``overwrite`` is set. :func:`output_folder` applies it for the
-  length of a job and removes the folder again if the job fails before writing into it.
+* :func:`fresh_output_dir` is the rule of ``prostlab render``, ``prepare`` and ``register``: the
+  folder must be empty (or new) unless ``overwrite`` is set. :func:`output_folder` applies it for
+  the length of a job and removes the folder again if the job fails before writing into it.
+* :func:`record_outputs` lists the files each command wrote in the folder's manifest,
+  ``.prostlab-outputs.json``. With ``overwrite`` a command removes the files that its earlier run
+  wrote there and this one did not (a ``drr_004.png`` of a longer pose list), and only those:
+  files that prostlab did not write (a user's ``drr_for_paper.png``) are never removed.
 * :func:`new_run_dir` and :func:`point_latest` give each ``prostlab test`` run its own folder
   ``<parent>/<name>`` (``<name>-2``, ``<name>-3``, ... when taken; created with an exclusive
   ``mkdir``, so two runs started at once get two folders) and a ``<parent>/latest`` symbolic
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import re
 import secrets
@@ -37,6 +42,11 @@ LATEST = "latest"
 """Name of the link, in a runs folder, to the newest run."""
 
 _TMP_PREFIX = ".tmp-"
+
+MANIFEST = ".prostlab-outputs.json"
+"""Name of the file, in an output folder, that lists the files each command wrote there."""
+
+_MANIFEST_FORMAT = "prostlab-outputs/1"
 
 
 def _temporary_name(path: Path) -> Path:
@@ -105,7 +115,7 @@ def fresh_output_dir(path: str | Path, overwrite: bool = False, what: str = "--o
     is false, or is not writable (:func:`check_writable_dir`). Returns the folder, created.
     """
     path = Path(path)
-    if path.is_dir() and not overwrite and any(path.iterdir()):
+    if path.is_dir() and not overwrite and any(p.name != MANIFEST for p in path.iterdir()):
         raise ProstlabError(
             f"{what} {path}: is not empty; pass --overwrite to replace its results, or "
             "choose a new folder"
@@ -132,21 +142,49 @@ def output_folder(path: str | Path, overwrite: bool = False, what: str = "--out"
         raise
 
 
-def remove_stale(folder: str | Path, names: list[str], keep: list[Path]) -> list[Path]:
-    """Remove the files ``folder/name`` for ``name`` in ``names`` that are not in ``keep``.
+def record_outputs(
+    folder: str | Path, command: str, written: list[Path], overwrite: bool = False
+) -> list[Path]:
+    """Record in ``folder``'s manifest that ``command`` wrote the files ``written`` there.
 
-    Used after an ``--overwrite`` run has written its files, so that outputs of an earlier run
-    that this run did not produce (more DRRs, a label map) are not left beside the new ones.
-    Returns the removed paths.
+    With ``overwrite``, the files that the manifest lists for an earlier run of ``command`` and
+    that this run did not write are removed first, so that results of two runs are not mixed;
+    without it they stay listed. Only plain file names of the manifest are removed, never a file
+    the manifest does not list: a folder without a manifest (or with one that cannot be read)
+    loses nothing. A file now written by ``command`` is no longer listed for another command.
+    The manifest is written atomically. Returns the removed paths.
     """
-    kept = {Path(p).resolve() for p in keep}
+    folder = Path(folder)
+    names = {Path(p).name for p in written}
+    listed = _read_manifest(folder)
+    earlier = set(listed.get(command, []))
     removed = []
-    for name in names:
-        file = Path(folder) / name
-        if file.is_file() and file.resolve() not in kept:
-            file.unlink()
-            removed.append(file)
+    if overwrite:
+        for name in sorted(earlier - names):
+            file = folder / name
+            if Path(name).name == name and not name.startswith(".") and file.is_file():
+                file.unlink()
+                removed.append(file)
+        earlier = set()
+    for other in listed:
+        listed[other] = sorted(set(listed[other]) - names)
+    listed[command] = sorted(earlier | names)
+    listed = {key: value for key, value in listed.items() if value}
+    write_text(folder / MANIFEST,
+               json.dumps({"format": _MANIFEST_FORMAT, "written": listed}, indent=2) + "\n")
     return removed
+
+
+def _read_manifest(folder: Path) -> dict[str, list[str]]:
+    """The manifest's ``{command: [file names]}``; empty when it is missing or unreadable."""
+    try:
+        content = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        listed = content["written"]
+        if content.get("format") != _MANIFEST_FORMAT or not isinstance(listed, dict):
+            return {}
+        return {str(k): [str(n) for n in v] for k, v in listed.items() if isinstance(v, list)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -215,6 +253,7 @@ def point_latest(parent: str | Path, run: str | Path) -> Path | None:
 
 __all__ = [
     "LATEST",
+    "MANIFEST",
     "atomic_path",
     "check_run_name",
     "check_writable_dir",
@@ -222,7 +261,7 @@ __all__ = [
     "new_run_dir",
     "output_folder",
     "point_latest",
-    "remove_stale",
+    "record_outputs",
     "timestamp",
     "write_text",
 ]

@@ -25,7 +25,7 @@ from prostlab.data import Volume, load_image, load_prepared
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera
 from prostlab.limits import check_memory, resolve_device
-from prostlab.outputs import atomic_path, remove_stale
+from prostlab.outputs import atomic_path, record_outputs
 from prostlab.projector import Projector
 from prostlab.projector.rays import check_samples_per_ray
 from prostlab.viz.images import save_drr_png
@@ -178,9 +178,10 @@ def write_drrs(
     """Write ``drrs.npy`` (the ``(N, C, H, W)`` array) and ``drr_000.png``, ... into ``out``.
 
     Each file is written under a temporary name and moved into place. The PNG titles give the
-    pose in degrees and mm. With ``overwrite``, DRR files of an earlier run that this one did not
-    write (``drr_005.png`` after a run of 5 poses, say) are removed at the end. Returns the
-    path of ``drrs.npy``.
+    pose in degrees and mm. The files are listed in the folder's manifest
+    (:func:`prostlab.outputs.record_outputs`); with ``overwrite``, those of an earlier render
+    that this one did not write (``drr_005.png`` after a run of 5 poses, say) are removed at the
+    end, and no other file. Returns the path of ``drrs.npy``.
     """
     out = Path(out)
     np_path = out / "drrs.npy"
@@ -194,6 +195,5 @@ def write_drrs(
             *degrees[i].tolist()
         )
         written.append(save_drr_png(out / f"drr_{i:03d}.png", image[0], colorbar, title))
-    if overwrite:
-        remove_stale(out, [p.name for p in out.glob("drr_*.png")], keep=written)
+    record_outputs(out, "render", written, overwrite)
     return np_path

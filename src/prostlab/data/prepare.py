@@ -16,9 +16,10 @@
    temporary name moved into place (:mod:`prostlab.outputs`).
 
 Before any work the inputs are checked: ``mu_water`` (finite, positive), the memory the cube
-needs (:mod:`prostlab.limits`), and the output folder (new or empty unless ``overwrite``, and
-writable). After reading, a CT with voxels coarser than :data:`MAX_SOURCE_SPACING_MM` is
-refused, and so is a cube in which the selected bones vanish.
+needs (:mod:`prostlab.limits`), and the output folder (new or empty unless ``overwrite``,
+writable, and not where an output would replace an input file). After reading, a CT with voxels
+coarser than :data:`MAX_SOURCE_SPACING_MM` is refused, and so is a cube in which the selected
+bones vanish.
 
 The written affines map each voxel to its world position in the source scan, with spacing
 ``side_mm / size`` along every axis.
@@ -59,7 +60,7 @@ from prostlab.data.resample import cube_grid, resample_linear, resample_nearest
 from prostlab.data.volume import Volume, spacing_of
 from prostlab.errors import ProstlabError
 from prostlab.limits import check_memory
-from prostlab.outputs import atomic_path, output_folder, remove_stale, write_text
+from prostlab.outputs import atomic_path, output_folder, record_outputs, write_text
 
 CT_FILE = "ct_mu.nii.gz"
 BONE_FILE = "bone_mu.nii.gz"
@@ -169,8 +170,10 @@ def prepare_ct(
         mu_water: attenuation of water in 1/mm; finite and positive.
         fov_fill_below: HU below this are outside the field of view and become air.
         antialias: low-pass filter when downsampling (see :mod:`prostlab.data.resample`).
-        overwrite: write into a non-empty ``out_dir``; files of an earlier preparation that this
-            one does not write (a label map, say) are removed at the end.
+        overwrite: write into a non-empty ``out_dir``; files that an earlier preparation wrote
+            there and this one does not (a label map, say) are removed at the end, and no
+            others (:func:`prostlab.outputs.record_outputs`). An output that would replace an
+            input file (``--out`` the folder of ``labels.nii.gz``) is refused all the same.
         bone_threshold: the settings of the bones without labels (default
             :class:`~prostlab.data.bone_threshold.BoneThreshold`'s); refused with labels.
 
@@ -193,13 +196,42 @@ def prepare_ct(
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ProstlabError(f"size: {size!r}; expected a positive whole number of voxels")
     check_memory(prepare_memory_bytes(size), "cpu", f"size {size}: a {size}^3 cube")
+    check_outputs_are_not_inputs(out_dir, ct_path, labels_path, structures_csv)
     with output_folder(out_dir, overwrite, "output folder") as out:
         written = _prepare(ct_path, labels_path, out, size, bones, structures_csv, side_mm,
                            centre, margin_mm, mu_water, fov_fill_below, antialias,
                            bone_threshold)
-        if overwrite:
-            remove_stale(out, list(PREPARED_FILES), keep=list(written.values()))
+        record_outputs(out, "prepare", list(written.values()), overwrite)
     return written
+
+
+def check_outputs_are_not_inputs(
+    out_dir: str | Path,
+    ct_path: str | Path,
+    labels_path: str | Path | None = None,
+    structures_csv: str | Path | None = None,
+) -> None:
+    """Refuse an ``out_dir`` where one of :data:`PREPARED_FILES` would replace an input file.
+
+    The inputs are the CT, the label map and the class table (given, or the default
+    ``structures.csv`` beside the labels). ``--out`` the folder of the inputs is common, and with
+    ``--overwrite`` the resampled ``labels.nii.gz`` would replace the user's original.
+    """
+    inputs = [Path(ct_path)]
+    if labels_path is not None:
+        labels_path = Path(labels_path)
+        inputs += [labels_path,
+                   Path(structures_csv) if structures_csv else labels_path.parent / STRUCTURES_FILE]
+    inputs = [p for p in inputs if p.is_file()]
+    for name in PREPARED_FILES:
+        output = Path(out_dir) / name
+        for source in inputs:
+            if output.exists() and output.samefile(source):
+                raise ProstlabError(
+                    f"output folder {out_dir}: writing {name} there would replace the input "
+                    f"{source}; expected an output folder apart from the inputs (choose another "
+                    "--out)"
+                )
 
 
 def _prepare(ct_path, labels_path, out, size, bones, structures_csv, side_mm, centre, margin_mm,

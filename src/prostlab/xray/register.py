@@ -64,9 +64,6 @@ LOW_NCC = 0.6
 scatter and devices the DRR lacks correlate better; a flipped intensity (``--sign``), a mirrored
 start or a CT of another patient typically do not (docs/xray.md, "Checking a registration")."""
 
-OUTPUT_FILES = ("pose.json", "trajectory.csv", "overlay.png", "registration.gif", "xray.png",
-                "drr.png")
-
 
 @dataclass
 class RegisterSettings:
