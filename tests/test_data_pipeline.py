@@ -382,10 +382,12 @@ def test_prepare_synthetic_pair(tmp_path):
 
 def test_prepare_centred_on_the_volume_without_labels(tmp_path):
     ct, _, affine = synthetic_pair(tmp_path)
-    written = prepare_ct(ct, None, tmp_path / "p", size=8)
-    assert set(written) == {"ct", "meta"}
+    written = prepare_ct(ct, None, tmp_path / "p", size=8, centre="volume")
+    assert set(written) == {"ct", "bone", "meta"}
     prepared = load_prepared(tmp_path / "p")
-    assert prepared.bone is None and prepared.labels is None
+    assert prepared.labels is None and prepared.meta["bones"]["method"] == "threshold"
+    # The thresholded bones are the 'vertebra' of 1000 HU, nothing else.
+    assert prepared.meta["bones"]["source_voxels"] == 6 * 6 * 8
     # Default side: the volume's largest extent, max(40 x 0.8, 36 x 0.8, 20 x 2) = 40 mm.
     assert prepared.meta["side_mm"] == pytest.approx(40.0)
     np.testing.assert_allclose(
