@@ -74,3 +74,14 @@ def test_ctrl_c_and_sigkill_then_resume_give_the_straight_run(tmp_path):
     assert state["lr_schedulers"][0]["last_epoch"] == STEPS
     for key, value in reference["state_dict"].items():
         assert torch.allclose(state["state_dict"][key], value, atol=1e-6), key
+
+
+def test_sigterm_saves_last_checkpoint_and_exits_143_without_a_traceback(tmp_path):
+    run = run_until_step(tmp_path, 2, "--trainer.max_steps", "1000")  # far from its end
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 128 + signal.SIGTERM  # a batch scheduler sees a failure
+    log = (tmp_path / "fit.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    stopped = tiny_checkpoint(tmp_path)["global_step"]
+    assert stopped == steps_done(tmp_path) >= 2, log[-3000:]  # nothing lost
+    assert f"stopped at step {stopped}" in log and "stopped by SIGTERM" in log

@@ -8,6 +8,7 @@ with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -386,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prostlab`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
         from prostlab.lightning.cli import run_lightning
 
         try:
@@ -397,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         except ProstlabError as exc:
             print(f"prostlab {argv[0]}: error: {exc}", file=sys.stderr)
             return 2
+        except SIGTERMException:
+            # Lightning stops at a step's end and (fit) last.ckpt is written; it then raises a
+            # SystemExit of status 0, which a batch scheduler would read as success.
+            print(f"prostlab {argv[0]}: stopped by SIGTERM", file=sys.stderr)
+            return 128 + signal.SIGTERM
         return 0
     args = _parser().parse_args(argv)
     args.argv = argv
