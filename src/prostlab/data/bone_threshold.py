@@ -149,7 +149,7 @@ def _ball(radius_mm: float, spacing: np.ndarray) -> np.ndarray | None:
     radii = np.floor(radius_mm / spacing).astype(int)
     if radius_mm <= 0 or not radii.any():
         return None
-    grids = np.meshgrid(*[np.arange(-r, r + 1) * d for r, d in zip(radii, spacing)],
+    grids = np.meshgrid(*[np.arange(-r, r + 1) * d for r, d in zip(radii, spacing, strict=True)],
                         indexing="ij")
     return sum(g**2 for g in grids) <= radius_mm**2
 

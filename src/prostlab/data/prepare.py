@@ -266,7 +266,7 @@ def _prepare(ct_path, labels_path, out, size, bones, structures_csv, side_mm, ce
         ids = bone_ids(bones, table)
         mask = bone_mask(labels, ids, source=labels_path)
     else:
-        mask = threshold_bones(hu, spacing_of(affine), bone_threshold, axial_axis=1)
+        mask = threshold_bones(hu, spacing_of(affine), bone_threshold)
         if not mask.any():
             raise ProstlabError(
                 f"{ct_path}: no bone found at {bone_threshold.bone_hu:g} HU and above (seeds "

@@ -27,8 +27,8 @@ from torchmetrics import MeanMetric
 
 from prostlab.geometry import Camera, geodesic_gradient
 from prostlab.lightning.augment import TrainingAugmentation
-from prostlab.lightning.checkpoint import load_net_weights
 from prostlab.lightning.benchmark import BenchmarkLoop
+from prostlab.lightning.checkpoint import load_net_weights
 from prostlab.lightning.optim import build_optimizer, build_scheduler
 from prostlab.lightning.panels_log import log_panels
 from prostlab.lightning.volume_bank import VolumeBank
