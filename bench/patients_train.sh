@@ -7,6 +7,8 @@
 # checkpoints/runs/patients_fold$FOLD, the W&B run to runs/patients_fold$FOLD. Run it again to
 # resume from last.ckpt. INIT_CKPT (optional, "-" for none) starts a fresh run from those weights
 # (patient-specific fine-tuning, or a warm start from a network that never saw the test patient).
+# THREADS (default: all cores) sets torch's threads: give each of several concurrent runs its
+# share (THREADS=1 for two runs on 2 cores), since oversubscribed threads spin and wait.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fold=$1; init=${2:--}; shift $(( $# > 1 ? 2 : 1 ))
@@ -36,6 +38,7 @@ if [ -f "$dir/last.ckpt" ]; then
 elif [ "$init" != "-" ]; then
   args+=(--model.init_weights "$init")
 fi
-echo "$(date -u +%FT%TZ) $(git rev-parse --short HEAD) prostlab fit ${args[*]} $*" >> "logs/$name.log"
-nohup .venv/bin/prostlab fit "${args[@]}" "$@" >> "logs/$name.log" 2>&1 &
+echo "$(date -u +%FT%TZ) $(git rev-parse --short HEAD) THREADS=${THREADS:-$(nproc)} prostlab fit ${args[*]} $*" >> "logs/$name.log"
+threads=${THREADS:-$(nproc)}
+OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads nohup .venv/bin/prostlab fit "${args[@]}" "$@" >> "logs/$name.log" 2>&1 &
 echo "fold $fold: pid $! log logs/$name.log"
