@@ -50,6 +50,9 @@ def test_benchmark_writes_tables_figures_and_animation(trained):
     assert {int(r["case"]) for r in rows} == {0, 1, 2, 3}
     summary = json.loads((out / "summary.json").read_text())
     assert "gradncc" in json.dumps(summary) and "net_gradncc" in json.dumps(summary)
+    # The tiny config's test patient is the bundled chest: its table is named after it.
+    assert list(summary["patients"]) == ["chest_ct_128"]
+    assert summary["patients"]["chest_ct_128"]["gradncc"]["n_cases"] == 4
     assert "net_gradncc" in (out / "summary.md").read_text()
     for name in ("success_vs_initial.png", "mtre_cdf.png", "overlays.png", "registration.gif"):
         assert (out / name).stat().st_size > 0, name

@@ -19,6 +19,7 @@ from prostlab.benchmark import (
     markdown_table,
     success_by_bin,
     summarise,
+    summarise_by_patient,
     validate_rows,
     write_cases_csv,
     write_summary,
@@ -144,6 +145,30 @@ def test_summary_files_and_sentence(rows, tmp_path):
         compare(s, "net", "ncc")
     with pytest.raises(ProstlabError, match="meta.threshold_mm"):
         write_summary(s, tmp_path, {"threshold_mm": 5.0})
+
+
+def test_per_patient_tables_split_the_rows_by_volume(rows, tmp_path):
+    # The fixture's cases 0 and 2 are volume 0, cases 1 and 3 volume 1.
+    patients = summarise_by_patient(rows, {0: "chest_a", 1: "chest_b"})
+    assert list(patients) == ["chest_a", "chest_b"]
+    assert patients["chest_a"]["net"]["n_cases"] == 2
+    assert patients["chest_a"]["net"]["success_rate"] == pytest.approx(1.0)  # 1 and 4 mm
+    assert patients["chest_b"]["net"]["success_rate"] == pytest.approx(0.5)  # 2 and 20 mm
+    assert patients["chest_b"]["gradncc"]["n_failed"] == 1
+    assert list(summarise_by_patient(rows, {0: "chest_a"})) == ["chest_a", "volume 1"]
+    pooled = summarise(rows)
+    json_path, md_path = write_summary(pooled, tmp_path, {}, patients=patients)
+    document = json.loads(json_path.read_text())
+    assert document["patients"]["chest_b"]["net"]["n_success"] == 1
+    assert document["meta"]["test patients"] == "chest_a, chest_b"
+    md = md_path.read_text()
+    assert md.index("All test patients pooled:") < md.index("Test patient chest_a:") < md.index(
+        "Test patient chest_b:")
+    assert markdown_table(patients["chest_b"]) in md and markdown_table(pooled) in md
+    # One patient: its name in the meta, no second copy of the table.
+    _, md_path = write_summary(pooled, tmp_path / "one", {}, patients={"chest_a": pooled})
+    assert "test patients: chest_a" in md_path.read_text()
+    assert "Test patient" not in md_path.read_text()
 
 
 def cases_at(method, initials_and_finals, start=0):

@@ -30,6 +30,7 @@ from prostlab.benchmark.summary import (
     compare,
     markdown_table,
     summarise,
+    summarise_by_patient,
     write_summary,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "methods_in_order",
     "success_by_bin",
     "summarise",
+    "summarise_by_patient",
     "validate_rows",
     "write_cases_csv",
     "write_summary",

@@ -186,6 +186,21 @@ def summarise(
     return summary
 
 
+def summarise_by_patient(
+    rows: Sequence[Mapping[str, Any]], names: Mapping[int, str], **options: Any
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """:func:`summarise` of each test patient's rows: ``{name: {method: statistics}}``, patients
+    in the order of their volume index. ``names`` maps each row's ``volume_index`` to its
+    patient's name (a missing index is named ``volume <i>``); ``options`` are
+    :func:`summarise`'s."""
+    rows = validate_rows(rows)
+    patients = {}
+    for index in sorted({int(row["volume_index"]) for row in rows}):
+        mine = [row for row in rows if int(row["volume_index"]) == index]
+        patients[names.get(index, f"volume {index}")] = summarise(mine, **options)
+    return patients
+
+
 def _check_summary(summary: Any) -> None:
     if not isinstance(summary, Mapping):
         raise ProstlabError(
@@ -341,6 +356,7 @@ def write_summary(
     directory: str | Path,
     meta: Mapping[str, Any],
     figures: Sequence[tuple[str, str]] = (),
+    patients: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``summary.json`` and ``summary.md`` into ``directory`` (created if needed).
 
@@ -355,6 +371,10 @@ def write_summary(
     :func:`markdown_table`, the table of :func:`bins_table`, a paragraph on how the statistics
     are taken, and ``figures``: ``(caption, file name relative to directory)`` pairs, embedded in
     the order given (the success-against-initial-mTRE figure first).
+
+    ``patients`` (of :func:`summarise_by_patient`) adds ``"patients": {name: {method:
+    statistics}}`` to ``summary.json`` and, when it holds more than one patient, a table per
+    patient to ``summary.md`` after the pooled one; the test patients are named in the meta.
 
     Returns:
         ``(json_path, md_path)``.
@@ -382,7 +402,13 @@ def write_summary(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / "summary.json"
+    if patients:
+        for table in patients.values():
+            _check_summary(table)
+        meta.setdefault("test patients", ", ".join(patients))
     document = {"meta": _jsonable(meta), "methods": _jsonable(summary)}
+    if patients:
+        document["patients"] = _jsonable(patients)
     write_text(json_path, json.dumps(document, indent=2, allow_nan=False) + "\n")
 
     known = [key for key, _ in _META_LABELS]
@@ -398,10 +424,14 @@ def write_summary(
     min_cases = first.get("capture_min_cases", DEFAULT_CAPTURE_MIN_CASES)
     for caption, name in figures[:1]:
         lines += ["", f"![{caption}]({name})"]
+    pooled = "All test patients pooled:" if patients and len(patients) > 1 else None
+    lines += ["", *([pooled, ""] if pooled else []), markdown_table(summary)]
+    if pooled:
+        for name, table in patients.items():
+            lines += ["", f"Test patient {name}:", "", markdown_table(table)]
     lines += [
         "",
-        markdown_table(summary),
-        "",
+        "Success per initial mTRE (mm), all test patients:" if pooled else
         "Success per initial mTRE (mm):",
         "",
         bins_table(summary),

@@ -8,8 +8,9 @@ as the validation patient that selects the checkpoint, and every other patient f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from prostlab.errors import ProstlabError
 
@@ -42,6 +43,16 @@ def patient_names(paths: Sequence[str | Path]) -> list[str]:
     return names
 
 
+def source_name(source: Mapping[str, Any]) -> str:
+    """The name of a ``data.volumes`` entry: its prepared folder's, its CT's
+    (:func:`patient_name`) or its DeepFluoro specimen's."""
+    if "prepared" in source:
+        return Path(source["prepared"]).name
+    if "deepfluoro" in source:
+        return f"deepfluoro-{source['specimen']}"
+    return patient_name(source["ct"])
+
+
 def leave_patient_out(n: int, fold: int) -> dict[str, list[int]]:
     """The split of fold ``fold`` of ``n`` patients: test ``[fold]``, validation
     ``[(fold + 1) % n]``, train the rest, in order."""
@@ -55,4 +66,4 @@ def leave_patient_out(n: int, fold: int) -> dict[str, list[int]]:
             "test": [fold]}
 
 
-__all__ = ["leave_patient_out", "patient_name", "patient_names"]
+__all__ = ["leave_patient_out", "patient_name", "patient_names", "source_name"]
