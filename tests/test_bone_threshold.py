@@ -155,3 +155,22 @@ def test_init_weights_start_a_fresh_run_from_a_checkpoint(tmp_path):
     wider = {**net, "embedding_dim": 16}
     with pytest.raises(ProstlabError, match="source.ckpt: its network differs"):
         ConvexSimilarityModule(camera=camera, net=wider, init_weights=str(path))
+
+
+def test_the_bundled_pelvis_is_a_thresholded_example_and_pelvis_yaml_trains_on_it():
+    from omegaconf import OmegaConf
+
+    from prostlab.data import PoseDataModule, example_path
+    from prostlab.resources import resolve_config
+
+    data = PoseDataModule(volumes=[{"example": "pelvis_ct_128"}])
+    assert data.sources == [{"prepared": str(example_path("pelvis_ct_128"))}]
+    prepared = load_prepared(example_path("pelvis_ct_128"))
+    assert prepared.meta["bones"]["method"] == "threshold" and prepared.labels is None
+    assert prepared.meta["sources"]["ct"]["sha256"].startswith("7811475c")  # source.json's
+    # The bones fill a real part of the cube (hips, sacrum, lumbar spine), not one speck.
+    assert 0.005 < float((prepared.bone.data > 0).float().mean()) < 0.1
+    config = OmegaConf.load(resolve_config("configs/pelvis.yaml"))
+    assert list(config.data.volumes) == [{"example": "pelvis_ct_128"}]
+    with pytest.raises(ProstlabError, match="not found"):
+        PoseDataModule(volumes=[{"example": "no_such_scan"}])

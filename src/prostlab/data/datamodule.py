@@ -202,7 +202,8 @@ class PoseDataModule(pl.LightningDataModule):
 
     Args:
         volumes: the data, a list of entries, each ``{"prepared": DIR}`` (a folder written by
-            ``prostlab prepare``), ``{"ct": PATH, "labels": PATH}`` (prepared into
+            ``prostlab prepare``), ``{"example": NAME}`` (a bundled example: ``chest_ct_128``,
+            ``pelvis_ct_128``), ``{"ct": PATH, "labels": PATH}`` (prepared into
             ``cache_dir`` on first use), or ``{"deepfluoro": FILE, "specimen": N}`` (a DeepFluoro
             specimen, 1-6 or a group name, its CT prepared into ``cache_dir``; optional ``i0``,
             ``collimator_px``, ``gt_correction``: :func:`~prostlab.data.deepfluoro.xray_case`). Default:
@@ -258,12 +259,15 @@ class PoseDataModule(pl.LightningDataModule):
         super().__init__()
         self.sources = [dict(v) for v in (volumes or [{"prepared": str(example_path())}])]
         for i, source in enumerate(self.sources):
+            if set(source) == {"example"}:  # a bundled example, wherever prostlab is installed
+                self.sources[i] = source = {"prepared": str(example_path(source["example"]))}
             if "deepfluoro" in source:
                 self.sources[i] = deepfluoro.source_options(source, f"data.volumes[{i}]")
             elif set(source) not in ({"prepared"}, {"ct", "labels"}, {"ct"}):
                 raise ProstlabError(
-                    f"data.volumes[{i}]: expected {{prepared: DIR}}, {{ct: PATH, labels: PATH}} "
-                    f"or {{deepfluoro: FILE, specimen: N}}, got keys {sorted(source)}"
+                    f"data.volumes[{i}]: expected {{prepared: DIR}}, {{example: NAME}}, {{ct: "
+                    f"PATH, labels: PATH}} or {{deepfluoro: FILE, specimen: N}}, got keys "
+                    f"{sorted(source)}"
                 )
         self.cache_dir, self.size, self.bones = Path(cache_dir), int(size), bones
         if not isinstance(downsample, int) or downsample < 1:

@@ -1,4 +1,5 @@
-"""Where the bundled example lives: a 128^3 chest CT prepared from ``../shared/data/chest_ct``."""
+"""Where the bundled examples live: 128^3 preparations of a chest CT (``../shared/data/chest_ct``,
+with labels) and of an abdomen-pelvis CT (``pelvis_ct``, bones by threshold)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def example_path(name: str = EXAMPLE_NAME) -> Path:
 
     It holds ``ct_mu.nii.gz``, ``bone_mu.nii.gz``, ``labels.nii.gz`` and ``meta.json``; load it
     with :func:`prostlab.data.load_prepared`. The examples ship inside the package (as
-    ``prostlab.example_data``, about 7.4 MB), so a wheel install has them too.
+    ``prostlab.example_data``, about 13.5 MB with ``pelvis_ct_128``), so a wheel install has
+    them too.
     """
     root = example_data_dir()
     path = root / name
