@@ -115,9 +115,13 @@ def _ncc(
     cols = _patch_matrix(x.shape[-1], grid, x)
 
     def total(f: Tensor) -> Tensor:  # (..., H, W) -> (..., grid, grid) patch sums
+        if grid == 1:  # a sum per image: its rounding does not depend on the batch (a matmul's
+            return f.sum(dim=(-2, -1), keepdim=True)  # blocking, and so its rounding, does)
         return rows @ f @ cols.T
 
     def spread(s: Tensor) -> Tensor:  # (..., grid, grid) -> (..., H, W), each pixel its patch's
+        if grid == 1:
+            return s.expand(*s.shape[:-2], x.shape[-2], x.shape[-1])
         return rows.T @ s @ cols
 
     if w is None:
@@ -183,19 +187,23 @@ def sobel(image: Tensor) -> tuple[Tensor, Tensor]:
     """Sobel-x and Sobel-y images of ``(B, C, H, W)``, valid region: two ``(B, C, H-2, W-2)``.
 
     Sobel-x differentiates along the columns (image ``u``, left to right), Sobel-y along the rows
-    (image ``v``, top to bottom); both are cross-correlations, as ``conv2d`` computes.
+    (image ``v``, top to bottom); both are cross-correlations, as ``conv2d`` would compute. They
+    are computed as shifted differences and sums (elementwise), not by ``conv2d``, whose
+    gradient rounds differently with the batch's size: an image's Sobel gradients, and so a
+    registration, must not depend on which other cases share its batch (issue 22).
     """
     if image.shape[-2] < 3 or image.shape[-1] < 3:
         raise ProstlabError(
             f"image: expected at least 3 x 3 pixels for the Sobel filters, got "
             f"{tuple(image.shape[-2:])}"
         )
-    batch, channels, height, width = image.shape
-    kx = torch.tensor(_SOBEL_X, dtype=image.dtype, device=image.device)
-    kernels = torch.stack((kx, kx.T))[:, None]  # (2, 1, 3, 3)
-    flat = image.reshape(batch * channels, 1, height, width)
-    grads = F.conv2d(flat, kernels).reshape(batch, channels, 2, height - 2, width - 2)
-    return grads[:, :, 0], grads[:, :, 1]
+    # _SOBEL_X is the difference (-1, 0, 1) along the columns smoothed by (1, 2, 1) along the
+    # rows; Sobel-y is its transpose.
+    across = image[..., :, 2:] - image[..., :, :-2]  # (H, W - 2)
+    down = image[..., 2:, :] - image[..., :-2, :]  # (H - 2, W)
+    gx = across[..., :-2, :] + 2.0 * across[..., 1:-1, :] + across[..., 2:, :]
+    gy = down[..., :, :-2] + 2.0 * down[..., :, 1:-1] + down[..., :, 2:]
+    return gx, gy
 
 
 def _erode(mask: Tensor) -> Tensor:
