@@ -11,6 +11,7 @@ from pytorch_lightning.loggers import WandbLogger
 from prostlab.benchmark import markdown_table, summarise, write_cases_csv, write_summary
 from prostlab.data import deepfluoro
 from prostlab.outputs import point_latest
+from prostlab.reproducibility import reproducibility_facts
 from prostlab.viz.report import (
     plot_mtre_cdf,
     plot_success_vs_initial,
@@ -66,6 +67,9 @@ def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
         "run": folder.name,
         "methods": {k: (v if isinstance(v, str) else "custom") for k, v in config.methods.items()},
         **_real_xrays(module),
+        "reproducibility": reproducibility_facts(
+            module.net.projector.backend, module.device,
+            getattr(getattr(module.trainer, "datamodule", None), "seed", None)),
     }
     figures = {  # the capture-range figure first: it is the headline
         "success_vs_initial": plot_success_vs_initial(rows, folder / "success_vs_initial.png",

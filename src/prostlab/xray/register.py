@@ -479,6 +479,7 @@ def write_outputs(out: Path, problem: Problem, registration: Registration,
     ``xray.png`` and ``drr.png`` into ``out`` (each under a temporary name, then renamed)."""
     from prostlab.csv_table import write_csv
     from prostlab.outputs import write_text
+    from prostlab.reproducibility import reproducibility_facts
     from prostlab.viz.images import save_drr_png
     from prostlab.viz.report import save_overlays, save_registration_gif
 
@@ -511,6 +512,7 @@ def write_outputs(out: Path, problem: Problem, registration: Registration,
         "similarity": registration.similarities,
         "preprocessing": problem.notes,
         "settings": problem.settings,
+        "reproducibility": reproducibility_facts(problem.projector.backend, problem.ct.device),
         **pose_report(registration.final, problem.projector.camera, problem.prepared),
     }
     written = [write_text(out / "pose.json", json.dumps(report, indent=2) + "\n")]
