@@ -263,10 +263,10 @@ class _FixedOrder:
         if self.scale:
             self.gvol.copy_(self.gvol_target.to(torch.float64) / self.scale)
             return
-        total = self.gvol_target[0].clone()
-        for copy in self.gvol_target[1:]:  # worker order
-            total += copy
-        self.gvol.copy_(total)
+        copies = self.gvol_target  # summed in worker order: ((c0 + c1) + c2) + ...
+        torch.add(copies[0], copies[1], out=self.gvol)
+        for copy in copies[2:]:
+            self.gvol += copy
 
 
 def tree_sum(x: torch.Tensor) -> torch.Tensor:
