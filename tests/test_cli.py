@@ -361,3 +361,74 @@ def test_prepare_refuses_a_size_that_cannot_fit_in_memory(tmp_path, capsys):
     err = _error(capsys)
     assert "size 100000" in err and "needs about" in err and "available" in err
     assert not out.exists()
+
+
+def _signal_now(signum):
+    """A stand-in for a command's long step: the signal arrives while it runs."""
+    import os
+
+    def step(*_args, **_kwargs):
+        os.kill(os.getpid(), signum)
+        raise AssertionError("the signal did not stop the command")
+
+    return step
+
+
+@pytest.mark.parametrize("signum", [2, 15])
+@pytest.mark.parametrize("command", ["render", "prepare", "register"])
+def test_a_signal_stops_a_command_with_128_plus_its_number_and_no_traceback(
+        tmp_path, capsys, monkeypatch, command, signum):
+    """SIGINT printed a 30-line KeyboardInterrupt; SIGTERM ended the process where it stood."""
+    import prostlab.data
+    import prostlab.render
+    import prostlab.xray.register
+    from prostlab.data import example_path
+
+    stop = _signal_now(signum)
+    out = tmp_path / "out"
+    if command == "render":
+        monkeypatch.setattr(prostlab.render, "render_poses", stop)
+        args = ["render", "--volume", str(_mu_nifti(tmp_path / "mu.nii.gz")), *SMALL]
+    elif command == "prepare":
+        monkeypatch.setattr(prostlab.data, "prepare_ct", stop)
+        args = ["prepare", "--ct", str(_ct_nifti(tmp_path, labels=False)[0]), "--size", "8"]
+    else:
+        monkeypatch.setattr(prostlab.xray.register, "prepare_problem", stop)
+        args = ["register", "--xray", str(tmp_path / "x.png"), "--ct", str(example_path())]
+    assert main([*args, "--out", str(out)]) == 128 + signum
+    err = _error(capsys)
+    assert err.startswith(f"prostlab {command}: stopped by SIG{'INT' if signum == 2 else 'TERM'}")
+    assert not out.exists()
+
+
+def test_a_stopped_register_overwrite_leaves_no_earlier_pose(tmp_path, capsys, monkeypatch):
+    """A killed `register --overwrite` left the earlier pose.json, which looked current: it is
+    removed once the inputs are checked; a file prostlab did not write stays."""
+    import prostlab.xray.register
+    from prostlab.data import example_path
+    from prostlab.outputs import record_outputs
+
+    out = tmp_path / "reg"
+    out.mkdir()
+    (out / "pose.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    record_outputs(out, "register", [out / "pose.json"])
+
+    class Problem:
+        notes: list = []
+
+    monkeypatch.setattr(prostlab.xray.register, "prepare_problem", lambda _settings: Problem())
+    monkeypatch.setattr(prostlab.xray.register, "run", _signal_now(15))
+    assert main(["register", "--xray", str(tmp_path / "x.png"), "--ct", str(example_path()),
+                 "--out", str(out), "--overwrite"]) == 143
+    assert not (out / "pose.json").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_ctrl_c_around_a_lightning_command_exits_130_without_a_traceback(capsys, monkeypatch):
+    """Lightning handles Ctrl-C inside its loops; one outside them (setup, the benchmark's
+    summary) printed a KeyboardInterrupt traceback."""
+    import prostlab.lightning.cli
+
+    monkeypatch.setattr(prostlab.lightning.cli, "run_lightning", _signal_now(2))
+    assert main(["test", "--config", "tiny"]) == 130
+    assert _error(capsys).startswith("prostlab test: stopped by SIGINT")

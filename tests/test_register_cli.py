@@ -85,6 +85,8 @@ def test_register_lands_within_2mm_from_10_deg_and_30_mm_off(xray, bone_points, 
     assert initial_mtre > 20 and final_mtre < 2.0, (initial_mtre, final_mtre)
     assert report["similarity"]["ncc"] > 0.99
     assert report["status"] in ("converged", "max_iterations")
+    assert report["trusted"] and not report["warnings"]
+    assert all(check["ok"] for check in report["confidence"].values())
     assert any("MONOCHROME1" in step or "binned 4x4" in step for step in report["preprocessing"])
 
     # The matrices are the pose's, in the frames of docs/geometry.md.
@@ -153,6 +155,8 @@ def _refused(args: list[str], capsys) -> str:
         (["--sid", "2000"], "sid"),
         (["--bones", "pelvis"], "--bones: .* is a prepared folder"),
         (["--search-depth-mm", "40"], "--search-depth-mm: .* expected --search too"),
+        (["--init", "0", "0", "0", "1e9", "0", "0"], "--init: .* outside the beam"),
+        (["--detector", "8", "8"], "--xray .*: \\d+ usable pixels .* expected at least 256"),
     ],
 )
 def test_register_refuses_bad_settings_in_one_line_and_writes_nothing(xray, tmp_path, capsys,
@@ -202,16 +206,110 @@ def test_register_refuses_a_ct_that_is_not_in_hounsfield_units(xray, tmp_path, c
     assert not out.exists()
 
 
-def test_a_wrong_intensity_sign_ends_with_a_warning_not_silence(xray, tmp_path, capsys):
-    """--sign -1 on a file whose values grow with the intensity turns bone into air: the pose is
-    wrong, and the command says so (stdout and pose.json) although the optimiser converged."""
+def test_a_wrong_intensity_sign_is_refused_before_registering(xray, tmp_path, capsys):
+    """--sign -1 on a file whose values grow with the intensity turns bone into air: refused
+    with the sign to pass, before anything is written (it ended 40 deg off with exit 0)."""
     out = tmp_path / "reg"
-    code = main(["register", "--xray", str(xray), "--ct", str(example_path()), "--out", str(out),
-                 *FAST, "--sign", "-1", *_init_flags(_start(10.0, 30.0))])
-    assert code == 0
-    assert "warning: the final NCC is" in capsys.readouterr().out
+    line = _refused(["register", "--xray", str(xray), "--ct", str(example_path()),
+                     "--out", str(out), *FAST, "--sign", "-1", *_init_flags(_start(10.0, 30.0))],
+                    capsys)
+    assert f"--xray {xray}: read with sign -1" in line and "expected --sign 1" in line
+    assert not out.exists()
+
+
+def test_a_bone_bright_png_without_sign_is_refused_and_accepted_with_it(prepared, tmp_path,
+                                                                        capsys):
+    """A displayed PNG (bone bright: the line integrals as grey levels) read as intensities, the
+    default for an image file, is refused with --sign -1 named; with --sign -1 it passes."""
+    import numpy as np
+    from PIL import Image
+
+    from prostlab.projector import Projector
+    from prostlab.xray.register import RegisterSettings, prepare_problem
+
+    camera = Camera(sdd=1020, sid=620, height=64, width=64, pixel_spacing=(5.84, 5.84))
+    ct = prepared.ct.downsampled(2)
+    drr = Projector(camera, step=3.5)(ct.batched(), ct.spacing, GT.float())[0, 0]
+    png = tmp_path / "chest.png"
+    Image.fromarray((20 + 230 * drr / drr.max()).round().numpy().astype(np.uint8)).save(png)
+    flags = ["--xray", str(png), "--ct", str(example_path()), *FAST, "--sdd", "1020", "--sid",
+             "620", "--pixel-spacing", "5.84", "5.84"]
+    out = tmp_path / "reg"
+    line = _refused(["register", *flags, "--out", str(out)], capsys)
+    assert f"--xray {png}: read with sign +1" in line and "expected --sign -1" in line
+    assert not out.exists()
+    problem = prepare_problem(RegisterSettings(
+        xray=png, ct=example_path(), out=out, detector=(64, 64), downsample=2, step=3.5,
+        camera={"sdd": 1020, "sid": 620, "pixel_spacing": (5.84, 5.84)}, sign=-1))
+    assert problem.notes[-1].startswith("sign check: NCC 0.")
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    """Another CT: a water cylinder with three bone balls, prepared to a 32^3 cube."""
+    import nibabel as nib
+    import numpy as np
+
+    from prostlab.data import prepare_ct
+
+    folder = tmp_path_factory.mktemp("phantom")
+    z, y, x = np.meshgrid(*(np.arange(48) - 23.5,) * 3, indexing="ij")
+    hu = np.full((48, 48, 48), -1000.0, np.float32)
+    hu[(x / 18) ** 2 + (y / 14) ** 2 <= 1] = 0.0
+    for cx, cy, cz in ((5, 4, 0), (-6, -3, 8), (0, 8, -10)):
+        hu[(x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= 9] = 1200.0
+    nib.save(nib.Nifti1Image(hu, np.diag([6.0, 6.0, 6.0, 1.0])), folder / "phantom.nii.gz")
+    prepare_ct(folder / "phantom.nii.gz", None, folder / "prepared", size=32, side_mm=288)
+    return folder / "prepared"
+
+
+def test_registering_to_another_ct_exits_untrusted(xray, phantom, tmp_path, capsys):
+    """The chest X-ray against a phantom reaches NCC 0.76: no longer exit 0 with a confident
+    pose, but status 3, "trusted": false and the failed checks on stderr."""
+    from prostlab.xray.register import UNTRUSTED_STATUS
+
+    out = tmp_path / "reg"
+    code = main(["register", "--xray", str(xray), "--ct", str(phantom), "--out", str(out),
+                 "--detector", "64", "64", "--step", "3.5"])
+    assert code == UNTRUSTED_STATUS == 3
+    assert "the pose is NOT TRUSTED" in capsys.readouterr().err
     report, _ = _registered(out)
-    assert report["warnings"] and report["similarity"]["ncc"] < 0.6
-    assert report["settings"]["sign"] == -1 and report["command"][:4] == [
+    assert report["trusted"] is False and report["warnings"]
+    assert not all(check["ok"] for check in report["confidence"].values())
+    assert report["settings"]["sign"] is None and report["command"][:4] == [
         "prostlab", "register", "--xray", str(xray)]
+
+
+def test_judge_fails_each_check_past_its_limit(xray, tmp_path):
+    """Each of judge's checks fails on its own: a pose moved 40 deg or 120 mm from its start, or
+    the CT moved out of most of the field, or similarities under the limits."""
+    from prostlab.xray.register import RegisterSettings, judge, prepare_problem
+
+    problem = prepare_problem(RegisterSettings(xray=xray, ct=example_path(), out=tmp_path / "o",
+                                               detector=(64, 64), downsample=2, step=3.5))
+    good = {"ncc": 0.99, "gradient_ncc": 0.9}
+
+    def failed(start, final, similarities=good):
+        confidence, warnings = judge(problem, start, final, similarities)
+        bad = {name for name, check in confidence.items() if not check["ok"]}
+        assert bool(bad) == bool(warnings)
+        return bad
+
+    pose = GT[0]
+    assert failed(pose, pose) == set()
+    assert failed(_start(40.0, 0.0), pose) == {"rotation_travelled_deg"}
+    assert failed(_start(0.0, 120.0), pose) == {"translation_travelled_mm"}
+    aside = pose + torch.tensor([0, 0, 0, 300.0, 0, 0], dtype=torch.float64)
+    assert "overlap" in failed(aside, aside)
+    assert failed(pose, pose, {"ncc": 0.5, "gradient_ncc": 0.05}) == {"ncc", "gradient_ncc"}
+
+
+def test_register_refuses_bones_without_labels(xray, tmp_path, capsys):
+    """--bones selects among --labels' structures; a raw CT without labels has its bones
+    thresholded, so --bones would be ignored: refused (it was dropped silently)."""
+    out = tmp_path / "reg"
+    line = _refused(["register", "--xray", str(xray), "--ct", str(tmp_path / "ct.nii.gz"),
+                     "--bones", "pelvis", "--out", str(out)], capsys)
+    assert "--bones: selects structures of --labels" in line
+    assert not out.exists()
 

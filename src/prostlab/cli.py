@@ -2,7 +2,10 @@
 the similarity network, ``test`` registration methods.
 
 Bad input (a ``ProstlabError``, a missing file) is printed on one line, and the command exits
-with status 2, without a traceback.
+with status 2, without a traceback. Ctrl-C (SIGINT) and SIGTERM stop a command with one line and
+status 128 + the signal's number (130, 143); files are written under temporary names and moved
+into place, so none is left half-written. ``register`` exits with status 3
+(:data:`~prostlab.xray.register.UNTRUSTED_STATUS`) when it wrote a pose it does not trust.
 """
 
 from __future__ import annotations
@@ -111,10 +114,11 @@ def _render_into(out: Path, args: argparse.Namespace) -> None:
     )
 
 
-def _register(args: argparse.Namespace) -> None:
-    from prostlab.outputs import output_folder, record_outputs
+def _register(args: argparse.Namespace) -> int:
+    from prostlab.outputs import output_folder, record_outputs, remove_recorded
     from prostlab.registration.search import SearchSpace
     from prostlab.xray.register import (
+        UNTRUSTED_STATUS,
         RegisterSettings,
         prepare_problem,
         run,
@@ -144,6 +148,8 @@ def _register(args: argparse.Namespace) -> None:
     )
     with output_folder(args.out, args.overwrite) as out:
         problem = prepare_problem(settings)
+        if args.overwrite:  # a run stopped from here on must not leave the earlier pose current
+            remove_recorded(out, "register", ["pose.json"])
         for note in problem.notes:
             print(f"  {note}")
         with _progress_bars() as progress:
@@ -159,9 +165,14 @@ def _register(args: argparse.Namespace) -> None:
           f"({shift}) mm")
     for name, value in registration.similarities.items():
         print(f"  {name}: {value:.4f}")
-    for warning in registration.warnings:
-        print(f"  warning: {warning}")
     print(f"wrote {', '.join(p.name for p in written)} to {out}/")
+    if registration.trusted:
+        return 0
+    print(f"prostlab register: WARNING: the pose is NOT TRUSTED (pose.json: \"trusted\": false; "
+          f"exit status {UNTRUSTED_STATUS})", file=sys.stderr)
+    for warning in registration.warnings:
+        print(f"  - {warning}", file=sys.stderr)
+    return UNTRUSTED_STATUS
 
 
 def _progress_bars():
@@ -372,6 +383,25 @@ def _register_parser(sub) -> None:
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
+class _Stopped(BaseException):
+    """SIGTERM, raised where the main thread is, so that ``finally`` blocks and the temporary
+    files' clean-up run (Python's default SIGTERM ends the process on the spot)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame) -> None:
+    raise _Stopped(signum)
+
+
+def _stopped(command: str, signum: int) -> int:
+    print(f"prostlab {command}: stopped by {signal.Signals(signum).name} before it finished; "
+          "its results are incomplete (no file is left half-written)", file=sys.stderr)
+    return 128 + signum
+
+
 def _shipped_configs(argv: list[str]) -> list[str]:
     """``--config NAME`` of a config shipped with prostlab (``tiny``, ``cpu``) -> its file."""
     argv = list(argv)
@@ -405,15 +435,23 @@ def main(argv: list[str] | None = None) -> int:
             # SystemExit of status 0, which a batch scheduler would read as success.
             print(f"prostlab {argv[0]}: stopped by SIGTERM", file=sys.stderr)
             return 128 + signal.SIGTERM
+        except KeyboardInterrupt:  # outside Lightning's own handling (setup, the summary)
+            return _stopped(argv[0], signal.SIGINT)
         return 0
     args = _parser().parse_args(argv)
     args.argv = argv
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except (ProstlabError, FileNotFoundError) as exc:
         print(f"prostlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        return _stopped(args.command, signal.SIGINT)
+    except _Stopped as stop:
+        return _stopped(args.command, stop.signum)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

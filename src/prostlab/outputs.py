@@ -175,6 +175,20 @@ def record_outputs(
     return removed
 
 
+def remove_recorded(folder: str | Path, command: str, names: list[str]) -> list[Path]:
+    """Remove those of the files ``names`` in ``folder`` that its manifest lists as written by
+    ``command`` (never a file prostlab did not write); return the removed paths."""
+    folder = Path(folder)
+    listed = set(_read_manifest(folder).get(command, []))
+    removed = []
+    for name in names:
+        file = folder / name
+        if name in listed and file.is_file():
+            file.unlink()
+            removed.append(file)
+    return removed
+
+
 def _read_manifest(folder: Path) -> dict[str, list[str]]:
     """The manifest's ``{command: [file names]}``; empty when it is missing or unreadable."""
     try:
@@ -262,6 +276,7 @@ __all__ = [
     "output_folder",
     "point_latest",
     "record_outputs",
+    "remove_recorded",
     "timestamp",
     "write_text",
 ]

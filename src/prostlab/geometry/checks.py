@@ -8,11 +8,15 @@ device; only :func:`check_pose` looks at the values (finiteness), which costs on
 from __future__ import annotations
 
 import numbers
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from prostlab.errors import ProstlabError
+
+if TYPE_CHECKING:
+    from prostlab.geometry.camera import Camera
 
 
 def check_tensor(x: object, name: str, trailing: tuple[int, ...], form: str) -> Tensor:
@@ -96,3 +100,28 @@ def check_weight(value: object, name: str, *, positive: bool = False) -> float:
         kind = "positive" if positive else "non-negative"
         raise ProstlabError(f"{name}: expected a finite {kind} number, got {value}")
     return value
+
+
+def check_pose_in_beam(pose: Tensor, camera: Camera, name: str = "pose") -> Tensor:
+    """Refuse poses that put the volume's centre where no ray of ``camera`` can reach it.
+
+    The centre, at the pose's translation ``t`` from the isocentre, must lie between the source
+    and the detector along the beam (``-sid < t_z < sdd - sid``) and, across it, within the
+    detector's size in mm of the beam's axis (a generous bound: the field at the isocentre is
+    smaller by the magnification). A pose 1e9 mm away renders a blank image and registers to
+    nothing; it is a typing error, not a position.
+    """
+    pose = check_pose(pose, name)
+    width = camera.width * camera.pixel_spacing[1]
+    height = camera.height * camera.pixel_spacing[0]
+    for i, (tx, ty, tz) in enumerate(pose[:, 3:].tolist()):
+        if not (-camera.sid < tz < camera.sdd - camera.sid and abs(tx) <= width
+                and abs(ty) <= height):
+            which = f"{name} {i + 1}" if len(pose) > 1 else name
+            raise ProstlabError(
+                f"{which}: translation ({tx:.4g}, {ty:.4g}, {tz:.4g}) mm puts the volume's centre "
+                f"outside the beam; expected -{camera.sid:g} < tz < {camera.sdd - camera.sid:g} "
+                f"mm (between the source and the detector) and |tx| <= {width:.4g}, |ty| <= "
+                f"{height:.4g} mm (the detector's size)"
+            )
+    return pose

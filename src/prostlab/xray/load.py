@@ -74,6 +74,8 @@ class XRay:
         source: the file it was read from.
         steps: what the preprocessing did, in words, in order.
         i0: the unattenuated intensity used (for a log image, the log level ``L0``).
+        sign: the sign the values were read with: ``+1`` (they grow with the beam intensity)
+            or ``-1`` (the flag's, else the file's).
     """
 
     image: Tensor
@@ -82,6 +84,7 @@ class XRay:
     source: Path
     steps: list[str]
     i0: float
+    sign: int
 
 
 def read_xray_file(path: str | Path) -> RawXRay:
@@ -146,7 +149,8 @@ def load_xray(
         raise ProstlabError(f"relationship: expected 'lin' or 'log', got {relationship!r}")
     if sign is not None and (isinstance(sign, bool) or sign not in (1, -1)):
         raise ProstlabError(f"sign: expected +1 or -1, got {sign!r}")
-    intensity = _oriented(raw, relationship, raw.sign if sign is None else sign, steps)
+    sign = raw.sign if sign is None else sign
+    intensity = _oriented(raw, relationship, sign, steps)
 
     mask = field_mask(intensity, relationship=relationship, name=name)
     kept = int(mask.sum())
@@ -196,6 +200,7 @@ def load_xray(
         source=raw.path,
         steps=steps,
         i0=level,
+        sign=sign,
     )
 
 

@@ -14,8 +14,11 @@ The job, in order; every input is read and checked before anything is written:
    projector has the X-ray's camera.
 5. **The start**: ``--init`` (degrees and mm), a named view (:data:`VIEWS`), or the AP view; with
    ``--search`` a coarse multi-start around it (:func:`~prostlab.registration.search.
-   coarse_search`) whose best starts all go to the engine.
-6. **Registration** with the method's schedule (:func:`~prostlab.registration.register`).
+   coarse_search`) whose best starts all go to the engine. The X-ray's sign is checked against
+   the CT's DRR at the start (:func:`check_sign`).
+6. **Registration** with the method's schedule (:func:`~prostlab.registration.register`), then
+   the result judged (:func:`judge`): NCC, gradient-NCC, the share of the field the CT covers and
+   the distance travelled, each against a limit (:data:`TRUST`).
 7. **Outputs** into ``OUT``: ``pose.json``, ``trajectory.csv``, ``overlay.png``,
    ``registration.gif``, ``xray.png`` and ``drr.png`` (:func:`write_outputs`).
 """
@@ -35,7 +38,14 @@ from torch import Tensor
 
 from prostlab.data.prepare import PreparedCT, load_prepared, prepare_ct
 from prostlab.errors import ProstlabError
-from prostlab.geometry import Camera, pose_to_euler, pose_to_matrix
+from prostlab.geometry import (
+    Camera,
+    check_pose_in_beam,
+    geodesic_angle,
+    pose_to_euler,
+    pose_to_matrix,
+    so3_exp,
+)
 from prostlab.projector import Projector
 from prostlab.registration import Schedule, as_schedule, register
 from prostlab.registration.search import SearchSpace, coarse_search
@@ -59,10 +69,39 @@ volume's centre at the isocentre."""
 
 DEFAULT_DETECTOR = (128, 128)
 DEFAULT_STEP_MM = 1.75
-LOW_NCC = 0.6
-"""A final NCC below this gets a warning: on a right pose, even real X-rays with soft tissue,
-scatter and devices the DRR lacks correlate better; a flipped intensity (``--sign``), a mirrored
-start or a CT of another patient typically do not (docs/xray.md, "Checking a registration")."""
+
+MIN_FIELD_PIXELS = 256
+"""Fewer usable X-ray pixels (16 x 16) on the detector than this are refused: NCC over a few
+dozen pixels matches anything."""
+
+SIGN_NCC = -0.2
+""":func:`check_sign` refuses an X-ray whose NCC with the CT's DRR at the start, both averaged
+down to 8 x 8 cells, is below this. Bone and soft tissue attenuate, so the line integrals of a
+correctly read X-ray are high where the DRR's are: on the synthetic chest X-ray of the tests this
+NCC is 0.2 to 1.0 from starts up to 45 deg and 100 mm off, and -0.15 to -0.92 with the sign
+flipped; a far start can leave it near 0, and then the check stays silent."""
+
+TRUST: dict[str, float] = {
+    "ncc": 0.6,
+    "gradient_ncc": 0.1,
+    "overlap": 0.5,
+    "rotation_travelled_deg": 30.0,
+    "translation_travelled_mm": 100.0,
+}
+"""The limits of :func:`judge`: a result is trusted when its final NCC and gradient-NCC reach
+``ncc`` and ``gradient_ncc``, the CT's DRR covers at least the ``overlap`` share of the X-ray's
+usable field, and the pose moved at most ``rotation_travelled_deg`` and
+``translation_travelled_mm`` from the start the engine began with. A right pose correlates well
+even on real X-rays with soft tissue, scatter and devices the DRR lacks; a flipped sign, a
+mirrored start or another patient's CT can reach a fair NCC (a smooth body outline matches a
+smooth body outline) and, on a coarse detector, a fair gradient-NCC too, but the optimiser then
+wanders: registering the tests' chest X-ray to a water cylinder with three bone balls ends at NCC
+0.76 and gradient-NCC 0.37 after turning 46 deg and moving 115 mm, where the methods' capture
+range is about 10-20 deg and 30-60 mm (docs/xray.md, "Checking a registration")."""
+
+UNTRUSTED_STATUS = 3
+"""``prostlab register``'s exit status when it wrote a result that :func:`judge` does not trust
+(2 is a refusal, 0 a trusted result)."""
 
 
 @dataclass
@@ -183,8 +222,12 @@ def _first(*values: Any) -> Any:
 # -------------------------------------------------------------------------------------- inputs
 
 
-def start_pose(init: Sequence[float] | None, view: str | None) -> Tensor:
-    """The ``(1, 6)`` float64 start: ``init`` (degrees, mm), a named view, or the AP view."""
+def start_pose(init: Sequence[float] | None, view: str | None,
+               camera: Camera | None = None) -> Tensor:
+    """The ``(1, 6)`` float64 start: ``init`` (degrees, mm), a named view, or the AP view.
+
+    With ``camera``, an ``init`` that puts the volume outside its beam is refused
+    (:func:`~prostlab.geometry.check_pose_in_beam`)."""
     if init is not None and view is not None:
         raise ProstlabError("--init and --init-view: expected one of them, got both")
     if init is not None:
@@ -193,7 +236,8 @@ def start_pose(init: Sequence[float] | None, view: str | None) -> Tensor:
             raise ProstlabError(f"--init: expected six finite numbers RX RY RZ (deg) TX TY TZ "
                                 f"(mm), got {list(init)}")
         rotation = torch.deg2rad(torch.tensor(values[:3], dtype=torch.float64))
-        return torch.cat((rotation, torch.tensor(values[3:], dtype=torch.float64)))[None]
+        start = torch.cat((rotation, torch.tensor(values[3:], dtype=torch.float64)))[None]
+        return start if camera is None else check_pose_in_beam(start, camera, "--init")
     view = view or "ap"
     if view not in VIEWS:
         raise ProstlabError(f"--init-view: expected one of {sorted(VIEWS)}, got {view!r}")
@@ -210,6 +254,10 @@ def _prepared(settings: RegisterSettings, size: int = 128) -> PreparedCT:
                 raise ProstlabError(f"{flag}: {ct} is a prepared folder, which carries its own "
                                     f"segmentation; expected {flag} only with a raw CT")
         return load_prepared(ct)
+    if settings.bones is not None and settings.labels is None:
+        raise ProstlabError("--bones: selects structures of --labels; without --labels the bones "
+                            "are thresholded from the CT (as `prostlab prepare` does); expected "
+                            "--labels too, or no --bones")
     if not ct.exists():
         raise ProstlabError(f"--ct {ct}: no such file or folder; expected a `prostlab prepare` "
                             "folder, a NIfTI CT or a DICOM series folder")
@@ -272,6 +320,12 @@ def prepare_problem(settings: RegisterSettings) -> Problem:
     xray = load_xray(settings.xray, detector=tuple(detector), camera=settings.camera or None,
                      i0=settings.i0, relationship=settings.relationship, sign=settings.sign)
     notes = list(xray.steps)
+    usable = int(xray.mask.sum())
+    if usable < MIN_FIELD_PIXELS:
+        raise ProstlabError(
+            f"--xray {settings.xray}: {usable} usable pixels on the {detector[0]} x {detector[1]} "
+            f"detector; expected at least {MIN_FIELD_PIXELS} (16 x 16): a larger image, or a "
+            "smaller --detector")
     if trained is not None:
         ratio = xray.camera.pixel_spacing[1] / xray.camera.magnification / (
             trained.pixel_spacing[1] / trained.magnification)
@@ -280,23 +334,26 @@ def prepare_problem(settings: RegisterSettings) -> Problem:
                          f"pixels (magnification {trained.magnification:.3g}); this X-ray has "
                          f"{xray.camera.pixel_spacing[1]:.3g} mm ({xray.camera.magnification:.3g}"
                          "): expect a weaker network stage")
-    start = start_pose(settings.init, settings.init_view)
+    start = start_pose(settings.init, settings.init_view, xray.camera)
 
     prepared = _prepared(settings)
+    if settings.labels is None and not (Path(settings.ct) / "meta.json").is_file():
+        notes.append("no --labels: the bones thresholded from the CT (as `prostlab prepare` "
+                     "without --labels does)")
     ct_volume = prepared.ct.downsampled(downsample) if downsample > 1 else prepared.ct
     bone_volume = prepared.bone
     if bone_volume is not None and downsample > 1:
         bone_volume = bone_volume.downsampled(downsample)
     if uses_net and bone_volume is None:
         raise ProstlabError(f"--ct {settings.ct}: has no segmented bones, which the network "
-                            "renders; expected a prepared folder with bone_mu.nii.gz or --labels")
+                            "renders; expected a prepared folder with bone_mu.nii.gz, or a raw CT")
     device = torch.device(settings.device)
     projector = Projector(xray.camera, step=step, backend=settings.backend)
     net = None
     if uses_net:
         net = _network(checkpoint, settings.ckpt_path, xray.camera, step, settings.backend,
                        settings.device)
-    return Problem(
+    problem = Problem(
         xray=xray,
         prepared=prepared,
         ct=ct_volume.batched().to(device),
@@ -321,6 +378,10 @@ def prepare_problem(settings: RegisterSettings) -> Problem:
             "backend": settings.backend, "device": settings.device,
         },
     )
+    agreement = check_sign(problem)
+    notes.append("sign check: " + ("too few pixels to judge" if agreement is None else
+                                   f"NCC {agreement:.2f} with the DRR at the start (8 x 8 cells)"))
+    return problem
 
 
 def _absolute(path: Path | None) -> str | None:
@@ -341,14 +402,21 @@ class Registration:
         similarities: name -> value of the final whole-CT DRR against the X-ray (NCC,
             gradient-NCC and multiscale NCC, higher is better), and the method's own final
             objective value (lower is better).
-        warnings: what looks wrong (a final NCC below :data:`LOW_NCC`).
+        confidence: :func:`judge`'s checks, name -> value, limit and whether it passed.
+        warnings: one sentence per failed check, saying what to look at.
     """
 
     starts: Tensor
     result: Any
     final: Tensor
     similarities: dict[str, float]
+    confidence: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def trusted(self) -> bool:
+        """Every check of :func:`judge` passed."""
+        return all(check["ok"] for check in self.confidence.values())
 
 
 def _target(problem: Problem) -> tuple[Tensor, Tensor]:
@@ -356,6 +424,76 @@ def _target(problem: Problem) -> tuple[Tensor, Tensor]:
     image = torch.as_tensor(problem.xray.image, dtype=torch.float32, device=device)
     mask = torch.as_tensor(problem.xray.mask, device=device).to(torch.float32)
     return image[None, None], mask[None, None]
+
+
+def _smoothed_ncc(drr: Tensor, target: Tensor, mask: Tensor, cells: int = 8) -> float | None:
+    """NCC of ``drr`` and ``target`` averaged down to ``cells`` x ``cells``, over the cells wholly
+    inside ``mask``; None when fewer than 9 cells are."""
+    from prostlab.similarity import ncc
+
+    pool = torch.nn.functional.adaptive_avg_pool2d
+    inside = pool(mask, cells) > 0.999
+    if int(inside.sum()) < 9:
+        return None
+    return float(ncc(pool(drr, cells), pool(target, cells), inside.to(drr.dtype))[0])
+
+
+def check_sign(problem: Problem) -> float | None:
+    """Refuse an X-ray that looks inverted: its line integrals fall where the CT's DRR at the
+    start rises (:data:`SIGN_NCC`), as when bone is bright in a displayed image read as
+    intensities. Returns the smoothed NCC it judged by (None: too few pixels to judge)."""
+    target, mask = _target(problem)
+    with torch.no_grad():
+        drr = problem.projector(problem.ct, problem.spacing, problem.start[:1].to(target))
+    value = _smoothed_ncc(drr, target, mask)
+    if value is not None and value < SIGN_NCC:
+        sign = problem.xray.sign
+        raise ProstlabError(
+            f"--xray {problem.xray.source}: read with sign {sign:+d}, its line integrals fall "
+            f"where the CT's DRR at the start rises (smoothed NCC {value:.2f}): bone looks "
+            f"bright, so the values fall with the beam intensity; expected --sign {-sign} (or, "
+            "if the sign is right, a start nearer the truth, --init or --init-view, or this "
+            "patient's CT)")
+    return value
+
+
+def judge(problem: Problem, start: Tensor, final: Tensor,
+          similarities: Mapping[str, float]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Whether to trust ``final``: each check of :data:`TRUST` with its value, its limit and
+    whether it passed, and a warning for each that failed."""
+    target, mask = _target(problem)
+    with torch.no_grad():
+        drr = problem.projector(problem.ct, problem.spacing, final[None].to(target))
+    field_pixels = mask > 0
+    overlap = float((drr > 0)[field_pixels].sum()) / max(int(field_pixels.sum()), 1)
+    rotation = math.degrees(float(geodesic_angle(so3_exp(start[None, :3]), so3_exp(final[None, :3]))[0]))
+    translation = float((final[3:] - start[3:]).norm())
+    values = {"ncc": similarities["ncc"], "gradient_ncc": similarities["gradient_ncc"],
+              "overlap": overlap, "rotation_travelled_deg": rotation,
+              "translation_travelled_mm": translation}
+    confidence = {}
+    for name, value in values.items():
+        limit = TRUST[name]
+        at_least = name in ("ncc", "gradient_ncc", "overlap")
+        confidence[name] = {"value": value, ("min" if at_least else "max"): limit,
+                            "ok": value >= limit if at_least else value <= limit}
+    why = {
+        "ncc": "the intensities do not match",
+        "gradient_ncc": "the edges do not match (a CT of another patient, a mirrored view)",
+        "overlap": "the CT covers little of the X-ray's field",
+        "rotation_travelled_deg": "the optimiser turned the CT far from the start",
+        "translation_travelled_mm": "the optimiser moved the CT far from the start",
+    }
+    warnings = [
+        f"{name} {check['value']:.3g} is {'below' if 'min' in check else 'above'} "
+        f"{check.get('min', check.get('max')):g}: {why[name]}"
+        for name, check in confidence.items() if not check["ok"]]
+    if warnings:
+        warnings.append(
+            "the pose is not trusted (\"converged\" only means the optimiser stopped): check "
+            "overlay.png, the X-ray's --sign, the start (--init-view, --search) and that the CT "
+            "is this patient's")
+    return confidence, warnings
 
 
 def run(problem: Problem, search_space: SearchSpace | None = None, search: bool = False,
@@ -392,14 +530,9 @@ def run(problem: Problem, search_space: SearchSpace | None = None, search: bool 
         raise ProstlabError(f"registration failed: {record.message}")
     final = record.final_pose.detach().to(torch.float64).cpu()
     similarities = _similarities(problem, final, target, mask, record.final_value)
-    warnings = []
-    if not similarities["ncc"] >= LOW_NCC:
-        warnings.append(
-            f"the final NCC is {similarities['ncc']:.3f}, below {LOW_NCC}: the pose is probably "
-            "wrong (\"converged\" only means the optimiser stopped). Check overlay.png, the "
-            "X-ray's sign (--sign -1 for an image where bone is bright), the start (--init-view, "
-            "--search) and that the CT is this patient's")
-    return Registration(starts.cpu(), result, final, similarities, warnings)
+    confidence, warnings = judge(problem, starts[record.start].to(torch.float64).cpu(), final,
+                                 similarities)
+    return Registration(starts.cpu(), result, final, similarities, confidence, warnings)
 
 
 def _similarities(problem: Problem, pose: Tensor, target: Tensor, mask: Tensor,
@@ -504,6 +637,10 @@ def write_outputs(out: Path, problem: Problem, registration: Registration,
         "status": record.status,
         "status_means": "how the optimiser stopped (converged: its value stopped changing; "
                         "max_iterations: the cap); not whether the pose is right",
+        "trusted": registration.trusted,
+        "trusted_means": "every check of confidence passed; when false, prostlab register "
+                         f"exited with status {UNTRUSTED_STATUS}",
+        "confidence": registration.confidence,
         "warnings": registration.warnings,
         "iterations": record.n_iterations,
         "start": {"searched": settings.search, "starts": len(registration.starts),
