@@ -432,3 +432,40 @@ def test_ctrl_c_around_a_lightning_command_exits_130_without_a_traceback(capsys,
     monkeypatch.setattr(prostlab.lightning.cli, "run_lightning", _signal_now(2))
     assert main(["test", "--config", "tiny"]) == 130
     assert _error(capsys).startswith("prostlab test: stopped by SIGINT")
+
+
+def test_prepare_refuses_a_ct_stored_with_an_offset_or_scaled_attenuation(tmp_path, capsys):
+    """A +1024 offset (air at +24) made air 0.011/mm; an attenuation volume times 1e4 likewise
+    passed the span check. Both are refused naming the file and where air should be."""
+    import nibabel as nib
+
+    ct, _ = _ct_nifti(tmp_path, labels=False)
+    image = nib.load(ct)
+    hu = np.asarray(image.dataobj, dtype=np.float32)
+    hu[hu > 0] = 1500.0  # dense bone, so that the scaled volume spans more than 500
+    mu_times_1e4 = (1 + hu / 1000) * 268.3  # air 0, water 268, this bone 671
+    for name, values in (("offset.nii.gz", hu + 1024), ("scaled.nii.gz", mu_times_1e4)):
+        path = tmp_path / name
+        nib.save(nib.Nifti1Image(values, image.affine), path)
+        out = tmp_path / f"prepared-{name}"
+        assert main(["prepare", "--ct", str(path), "--out", str(out), "--size", "8"]) == 2
+        err = _error(capsys)
+        assert f"{path}: its lowest values" in err and "expected air near -1000 HU" in err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("scale", ["offset", "integers"])
+def test_render_refuses_attenuation_far_above_bone(tmp_path, capsys, scale):
+    """A CT with a +1024 offset is never negative, so MIN_MU let it through to DRRs near 1e5;
+    attenuation scaled to integers likewise."""
+    import nibabel as nib
+
+    mu = np.full((16, 16, 16), 24.0 if scale == "offset" else 0.0, dtype=np.float32)
+    mu[4:12, 4:12, 4:12] = 1424.0 if scale == "offset" else 50.0
+    path = tmp_path / "volume.nii.gz"
+    nib.save(nib.Nifti1Image(mu, np.diag([4.0, 4.0, 4.0, 1.0])), path)
+    out = tmp_path / "drr"
+    assert main(["render", "--volume", str(path), "--out", str(out), *SMALL]) == 2
+    err = _error(capsys)
+    assert f"{path}: has attenuation up to" in err and "expected mu in 1/mm, at most 1" in err
+    assert not out.exists()

@@ -4,7 +4,8 @@ Poses come in degrees and millimetres, as a researcher types them: ``(rx, ry, rz
 vector in degrees (axis times angle, docs/geometry.md) and ``(tx, ty, tz)`` a translation in mm.
 
 Refused before rendering: a NIfTI volume with attenuation below :data:`MIN_MU` (it looks like a
-CT in Hounsfield units), a batch size below 1, a device this machine lacks
+CT in Hounsfield units) or above :data:`MAX_MU` (a CT with a +1024 offset, an attenuation scaled
+to integers), a batch size below 1, a device this machine lacks
 (:func:`prostlab.limits.resolve_device`), a job whose memory estimate
 (:func:`render_memory_bytes`) exceeds what is available, and a step that takes more than
 :data:`prostlab.projector.rays.MAX_SAMPLES_PER_RAY` samples per ray.
@@ -36,6 +37,11 @@ CAMERA_KEYS = ("camera", "model.camera", "model.init_args.camera", "data.camera"
 MIN_MU = -1e-3
 """Lowest attenuation (1/mm) accepted in a NIfTI volume to render: interpolation may undershoot 0
 a little, but a CT in Hounsfield units reaches -1000 (air)."""
+
+MAX_MU = 1.0
+"""Highest attenuation (1/mm) accepted in a NIfTI volume to render: bone is about 0.05, the top of
+a 12-bit CT's range (+3071 HU) 0.11 and steel about 0.9; a CT stored with a +1024 offset (air at
++24, so never negative) reaches thousands and rendered DRRs near 1e5."""
 
 PROST_PELVIS_CAMERA = Camera(
     sdd=1020.0, sid=620.0, height=128, width=128, pixel_spacing=(2.92, 2.92)
@@ -101,6 +107,14 @@ def load_volume(path: str | Path, which: str = "ct") -> Volume:
             return prepared.bone
         return prepared.ct
     array, affine = load_image(path)
+    highest = float(array.max())
+    if highest > MAX_MU:
+        raise ProstlabError(
+            f"{path}: has attenuation up to {highest:.4g} /mm; expected mu in 1/mm, at most "
+            f"{MAX_MU:g} (bone is about 0.05, steel about 0.9). A CT in Hounsfield units (stored "
+            f"with a +1024 offset?) is converted by `prostlab prepare --ct {path} --out "
+            "<folder>`; an attenuation volume scaled to integers needs the scale undone"
+        )
     lowest = float(array.min())
     if lowest < MIN_MU:
         raise ProstlabError(

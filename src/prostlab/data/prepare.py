@@ -85,16 +85,32 @@ MIN_HU_SPAN = 500.0
 (0 to about 0.1) or a 0-1 normalised image spans far less."""
 
 
+MAX_AIR_HU = -500.0
+"""The 1st percentile of a CT in Hounsfield units must lie below this: every CT holds air (about
+-1000) around the body, in the lungs or the bowel. A CT stored with a +1024 offset (air at +24)
+or an attenuation volume scaled to integers (air at 0) has its lowest values far above, and
+would become a volume of dense tissue (air at 0.011/mm)."""
+
+
 def check_hounsfield(hu: np.ndarray, path: str | Path) -> None:
-    """Refuse a CT whose values cannot be Hounsfield units (they span less than
-    :data:`MIN_HU_SPAN`): an attenuation volume, a prepared ``ct_mu.nii.gz`` or a normalised
-    image would be mapped to air."""
+    """Refuse a CT whose values cannot be Hounsfield units: they span less than
+    :data:`MIN_HU_SPAN` (an attenuation volume, a prepared ``ct_mu.nii.gz`` or a normalised
+    image would be mapped to air), or hold no air (:data:`MAX_AIR_HU`)."""
     low, high = float(np.min(hu)), float(np.max(hu))
     if not high - low >= MIN_HU_SPAN:
         raise ProstlabError(
             f"{path}: values span {low:.4g} to {high:.4g}; expected a CT in Hounsfield units "
             f"(air about -1000, bone above +200). An attenuation volume (1/mm) such as a "
             f"prepared ct_mu.nii.gz is already prepared: pass its folder instead"
+        )
+    sample = hu.reshape(-1)[:: max(1, hu.size // 1_000_000)]  # a percentile of 1e6 values
+    air = float(np.percentile(sample, 1))
+    if air > MAX_AIR_HU:
+        raise ProstlabError(
+            f"{path}: its lowest values (1st percentile) sit at {air:.4g}; expected air near "
+            f"-1000 HU (below {MAX_AIR_HU:g}). A CT stored with a +1024 offset (air at +24) "
+            "needs the offset subtracted (its rescale intercept, -1024); an attenuation volume "
+            "is not a CT"
         )
 
 
