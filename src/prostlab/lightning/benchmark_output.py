@@ -8,8 +8,15 @@ from typing import Any
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
-from prostlab.benchmark import markdown_table, summarise, write_cases_csv, write_summary
+from prostlab.benchmark import (
+    markdown_table,
+    summarise,
+    summarise_by_patient,
+    write_cases_csv,
+    write_summary,
+)
 from prostlab.data import deepfluoro
+from prostlab.data.patients import source_name
 from prostlab.outputs import point_latest
 from prostlab.reproducibility import reproducibility_facts
 from prostlab.viz.report import (
@@ -48,6 +55,13 @@ def _real_xrays(module) -> dict[str, Any]:
     return {"real X-rays": " | ".join(lines)}
 
 
+def _patient_names(module) -> dict[int, str]:
+    """Each volume's patient name (:func:`prostlab.data.patients.source_name`) by its index."""
+    datamodule = getattr(module.trainer, "datamodule", None)
+    sources = getattr(datamodule, "sources", None) or []
+    return {i: source_name(source) for i, source in enumerate(sources)}
+
+
 def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
     """Write ``cases.csv``, ``summary.json/.md``, figures and a GIF into the run's folder
     ``module.bench_folder`` (made by the test loop's start), then point ``output_dir/latest`` at
@@ -59,6 +73,8 @@ def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
     capture = {"capture_rate": config.capture_rate,
                "capture_min_cases": config.capture_min_cases}
     summary = summarise(rows, threshold, config.bins_mm, **capture)
+    patients = summarise_by_patient(rows, _patient_names(module), threshold_mm=threshold,
+                                    bins_mm=config.bins_mm, **capture)
     meta = {
         "checkpoint": str(module.trainer.ckpt_path),
         "threshold_mm": threshold,
@@ -97,7 +113,8 @@ def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
                                                         folder / "registration.gif",
                                                         titles=titles)
     write_summary(summary, folder, meta,
-                  [(_CAPTIONS[name], Path(path).name) for name, path in figures.items()])
+                  [(_CAPTIONS[name], Path(path).name) for name, path in figures.items()],
+                  patients)
     table = markdown_table(summary)
     latest = point_latest(config.output_dir, folder)
     also = f" (also {latest}/)" if latest is not None else ""
