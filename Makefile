@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; set TORCH_SPEC=torch to take your platform's default (CUDA) build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo xray-demo test lint bench gpu-check heldout clean
+.PHONY: setup demo xray-demo test lint bench gpu-check heldout patients clean
 
 setup: $(VENV)/.installed
 
@@ -59,6 +59,14 @@ cache/spine_200/meta.json: | setup
 	$(BIN)/prostlab prepare --ct ../shared/data/chest_ct/ct.nii.gz \
 		--labels ../shared/data/chest_ct/labels.nii.gz --out cache/spine_200 \
 		--bones 29,30,31,32,33,34,35,36 --side-mm 200
+
+# The shared scans of four more patients, prepared without labels (bones by HU threshold) into
+# cache/patients/<name>, for configs/patients.yaml (needs ../shared/data).
+SHARED_SCANS := chest_cta chest_lung1 chest_lung2 pelvis_ct
+patients: $(SHARED_SCANS:%=cache/patients/%/meta.json)
+
+cache/patients/%/meta.json: | setup
+	$(BIN)/prostlab prepare --ct ../shared/data/$*/ct.nii.gz --out cache/patients/$* --overwrite
 
 gpu-check: setup
 	bash bench/gpu_check.sh
