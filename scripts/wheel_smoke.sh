@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install prostlab as a user would, from a wheel, and run it from outside the source tree:
 # build the wheel, install it in a fresh virtual environment with the CPU build of torch, then
-# run `prostlab --version`, `prostlab render` of the bundled example and a 2-case `prostlab test`
-# with the shipped tiny config. Everything happens in a temporary folder, removed at the end.
+# run `prostlab --version`, `prostlab render` of the bundled example, a 2-case `prostlab test`
+# with the shipped tiny config and one with the cpu config and the shipped checkpoint. Everything happens in a temporary folder, removed at the end.
 #
 #   bash scripts/wheel_smoke.sh            # PYTHON=python3 TORCH_SPEC=torch==2.13.0 by default
 #
@@ -33,6 +33,8 @@ pip_in() { "$1" -m pip "${@:2}" 2>&1 | { grep -v "^WARNING: Location '.*' is ign
 step "building the wheel"
 mkdir -p "$work/source"
 cp -r "$repo"/{pyproject.toml,README.md,src,configs,data,kernels} "$work/source/"
+mkdir "$work/source/checkpoints"  # the shipped weights, not the runs/ of local training
+cp "$repo"/checkpoints/*.* "$work/source/checkpoints/"
 find "$work/source" \( -name __pycache__ -o -name '*.egg-info' -o -name build -o -name '*.so' \) \
     -prune -exec rm -rf {} +
 pip_in "$PYTHON" wheel --quiet --no-deps --wheel-dir "$work/dist" "$work/source"
@@ -65,4 +67,13 @@ test -n "$cases" || { echo "prostlab test wrote no cases.csv under $PWD/results"
 rows=$(($(wc -l <"$cases") - 1))
 step "cases.csv has $rows rows (2 cases x the config's methods)"
 test "$rows" -ge 2
+
+for ckpt in "$repo"/checkpoints/*.ckpt; do
+    name="$(basename "$ckpt" .ckpt)"
+    config="$(grep -l "checkpoints/$name.ckpt" "$repo"/configs/*.yaml | head -n 1)"
+    step "prostlab test --config $(basename "$config" .yaml) --ckpt_path $name (the shipped weights)"
+    "$prostlab" test --config "$(basename "$config" .yaml)" --ckpt_path "$name" \
+        --data.test_samples 2 --data.batch_size 2 --trainer.enable_progress_bar false \
+        --model.benchmark.run_name "wheel-$name"
+done
 step "passed"

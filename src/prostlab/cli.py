@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from prostlab.errors import ProstlabError
-from prostlab.resources import resolve_config
+from prostlab.resources import resolve_checkpoint, resolve_config
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -349,8 +349,9 @@ def _register_parser(sub) -> None:
     reg.add_argument("--method", default="mncc",
                      help="registration preset or schedule YAML (default mncc; net methods "
                      "need --ckpt_path)")
-    reg.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path",
-                     help="checkpoint of the similarity network (prostlab fit)")
+    reg.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", type=resolve_checkpoint,
+                     help="checkpoint of the similarity network (prostlab fit), or the name of "
+                     "a shipped one (prost_cpu_chest)")
     reg.add_argument("--config", type=_config_arg,
                      help="a config (file or shipped name) whose model.camera size, model.step "
                      "and data.downsample are the defaults")
@@ -403,13 +404,18 @@ def _stopped(command: str, signum: int) -> int:
 
 
 def _shipped_configs(argv: list[str]) -> list[str]:
-    """``--config NAME`` of a config shipped with prostlab (``tiny``, ``cpu``) -> its file."""
+    """``--config NAME`` of a config shipped with prostlab (``tiny``, ``cpu``) -> its file, and
+    ``--ckpt_path`` of a shipped checkpoint (``prost_cpu_chest``) -> its file."""
     argv = list(argv)
     for i, arg in enumerate(argv):
         if arg in ("--config", "-c") and i + 1 < len(argv):
             argv[i + 1] = resolve_config(argv[i + 1])
         elif arg.startswith("--config="):
             argv[i] = "--config=" + resolve_config(arg.removeprefix("--config="))
+        elif arg == "--ckpt_path" and i + 1 < len(argv):
+            argv[i + 1] = resolve_checkpoint(argv[i + 1])
+        elif arg.startswith("--ckpt_path="):
+            argv[i] = "--ckpt_path=" + resolve_checkpoint(arg.removeprefix("--ckpt_path="))
     return argv
 
 

@@ -2,7 +2,8 @@
 
 They live at the top of the source repository, one copy each, and ``pyproject.toml``'s
 package-dir installs them as packages: ``configs/`` as ``prostlab.configs`` (``*.yaml`` and
-``registration/*.yaml``), ``data/`` as ``prostlab.example_data``. This module finds them with
+``registration/*.yaml``), ``data/`` as ``prostlab.example_data``, ``checkpoints/*.ckpt`` as
+``prostlab.checkpoints``. This module finds them with
 :mod:`importlib.resources`, so a source checkout, an editable install and an installed wheel read
 the same files, wherever the current directory is.
 """
@@ -15,12 +16,14 @@ from pathlib import Path
 from prostlab.errors import ProstlabError
 
 __all__ = [
+    "checkpoint_dir",
     "config_dir",
     "config_names",
     "config_path",
     "example_data_dir",
     "packaged_dir",
     "preset_dir",
+    "resolve_checkpoint",
     "resolve_config",
 ]
 
@@ -91,3 +94,24 @@ def resolve_config(value: str) -> str:
     if Path(text).exists() or "/" in text or "\\" in text or Path(text).suffix or not text:
         return text
     return str(config_path(text))
+
+
+def checkpoint_dir() -> Path:
+    """The folder of the shipped network weights (``checkpoints/*.ckpt`` of the repository)."""
+    return packaged_dir("prostlab.checkpoints")
+
+
+def resolve_checkpoint(value: str) -> str:
+    """A ``--ckpt_path`` value as a file: an existing path (or ``last``, ``best``) stays; a
+    shipped checkpoint's name (``prost_cpu_chest``, ``prost_cpu_chest.ckpt``), or
+    ``checkpoints/NAME.ckpt`` as the configs and docs write it, becomes the shipped file when no
+    such file is here. Any other value is returned unchanged, so the reader reports it missing.
+    """
+    text = str(value)
+    path = Path(text)
+    if path.exists() or text in ("last", "best") or path.parent not in (Path("."),
+                                                                       Path("checkpoints")):
+        return text
+    name = text if path.suffix == ".ckpt" else f"{path.name}.ckpt"
+    shipped = checkpoint_dir() / Path(name).name
+    return str(shipped) if shipped.is_file() else text
