@@ -8,6 +8,8 @@ import torch
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera
 from prostlab.projector import Projector
+from prostlab.projector.autograd import every_gradient
+from prostlab.projector.backends.torch_backend import TorchBackend
 
 
 def small_camera(size=9, spacing=1.0, sdd=200.0, sid=120.0):
@@ -165,6 +167,42 @@ def test_double_backward_of_a_pose_gradient_reaches_the_volume():
     (grad_pose,) = torch.autograd.grad((image**2).sum(), p, create_graph=True)
     (grad_volume,) = torch.autograd.grad(grad_pose.square().sum(), volume)
     assert grad_volume.abs().sum() > 0
+
+
+def test_kernels_skip_the_gradients_a_backward_does_not_use(monkeypatch):
+    """Training's pose gradient (autograd.grad to the pose perturbation) scatters no gradient
+    into the lifted volume, and the backward into the parameters sums no gradient for the
+    perturbation; the parameters' gradient is the one that computing every gradient gives."""
+    calls = []
+
+    def recording(name, original):
+        def record(self, *args, **kwargs):
+            gvol, gM = original(self, *args, **kwargs)
+            calls.append((name, gvol is not None, gM is not None))
+            return gvol, gM
+
+        return record
+
+    for name in ("vjp", "jvp_vjp"):
+        monkeypatch.setattr(TorchBackend, name, recording(name, getattr(TorchBackend, name)))
+    projector, volume, p = _tiny_setup(9)
+    weight = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+
+    def parameter_gradient():
+        calls.clear()
+        delta = torch.zeros_like(p, requires_grad=True)
+        image = projector(volume.detach() * weight, (1.0, 1.2, 0.9), p.detach() + delta)
+        (g,) = torch.autograd.grad(image.square().sum(), delta, create_graph=True)
+        g.square().sum().backward(inputs=[weight])
+        grad, weight.grad = weight.grad, None
+        return grad, list(calls)
+
+    pruned, pruned_calls = parameter_gradient()
+    with every_gradient():
+        full, full_calls = parameter_gradient()
+    assert pruned_calls == [("vjp", False, True), ("jvp_vjp", True, False), ("vjp", True, False)]
+    assert full_calls == [("vjp", True, True), ("jvp_vjp", True, True), ("vjp", True, True)]
+    torch.testing.assert_close(pruned, full, rtol=1e-12, atol=0)
 
 
 def test_rays_missing_the_volume_give_zero():

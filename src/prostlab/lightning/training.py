@@ -158,6 +158,13 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
             self._log_panels(batch, "train/panels")
         return loss
 
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """Backpropagate into the parameters only: the pose gradient's perturbation ``delta`` is
+        a leaf too, and its gradient, which nothing reads, would cost the projector's double
+        backward a pose-gradient sum per kernel (:mod:`prostlab.projector.autograd`)."""
+        kwargs.setdefault("inputs", [p for p in self.parameters() if p.requires_grad])
+        super().backward(loss, *args, **kwargs)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
         if norms:
