@@ -157,6 +157,53 @@ def test_bad_arguments(case):
         net(bone[0], spacing, pose, target)
 
 
+@pytest.mark.parametrize("depth, batch", [(1, 1), (2, 2), (3, 1)])
+def test_lift_on_the_bone_equals_the_dense_convolutions(case, depth, batch):
+    """The lifting CNN run on the bone's voxels (the CPU's way for a bone volume without
+    gradient) gives the dense convolutions' lifted volume and parameter gradients, with bone
+    on the volume's faces and in its corner, for every depth and a batch of volumes."""
+    from prostlab.similarity.convex_net import _convolutions_on_support
+
+    g = torch.Generator().manual_seed(depth)
+    shape = (batch, 1, 12, 13, 14)
+    bone = torch.zeros(shape, dtype=torch.float64).flatten()
+    bone[torch.randperm(bone.numel(), generator=g)[: 6 * batch]] = 0.05
+    bone = bone.reshape(shape)
+    bone[0, 0, 0, :2, -2:] = 0.04
+    net = _net(case[0], volume_depth=depth).double()
+    assert net.lift_on_support
+    assert _convolutions_on_support(net.lifter, bone, bone != 0) is not None
+    weights = torch.rand(batch, 3, *shape[2:], generator=g, dtype=torch.float64)
+    results = []
+    for on_support in (True, False):
+        net.lift_on_support = on_support
+        lifted = net.lift(bone)
+        grads = torch.autograd.grad((weights * lifted).square().sum(), list(net.lifter.parameters()))
+        results.append((lifted, *grads))
+    for sparse, dense in zip(*results, strict=True):
+        torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-14)
+    assert results[0][0][:, 1:].abs().sum() > 0
+
+
+def test_lift_runs_on_the_bone_only_where_it_pays():
+    """The convolutions run on the bone when the voxels they read are under half the volume;
+    a bone volume that fills it, or one that needs a gradient, gets the dense convolutions."""
+    from prostlab.similarity.convex_net import _convolutions_on_support
+
+    net = ConvexSimilarityNet(Camera(sdd=100.0, sid=60.0, height=8, width=8,
+                                     pixel_spacing=(1.0, 1.0)), **SMALL)
+    x = torch.zeros(1, 1, 8, 8, 8)
+    x[0, 0, 3, 3, 3] = 1.0
+    z = _convolutions_on_support(net.lifter, x, x != 0)
+    assert z.shape == (1, 2, 8, 8, 8) and (z[x.expand_as(z) == 0] == 0).all()
+    assert _convolutions_on_support(net.lifter, x + 1, x + 1 != 0) is None
+    calls = []
+    net.lifter.register_forward_hook(lambda *_: calls.append(1))
+    net.lift(x.requires_grad_())
+    net.lift(x.detach())
+    assert calls == [1]
+
+
 def test_double_backward_reaches_every_parameter(case):
     projector, _, bone, spacing, _, target = case
     net = _net(projector)

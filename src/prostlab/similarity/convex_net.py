@@ -20,7 +20,11 @@ by ``mu`` keeps every channel a non-negative attenuation supported on the bone: 
 show the volume's outline, not the anatomy); each projected channel is a line integral on the
 bone DRR's scale (softplus(0) = log 2), so no normalisation is needed before the encoder; and the
 image still fades out smoothly as bone leaves the field of view. The CNN sees ``mu / mu_scale``
-(``mu_scale`` = mu of water by default), so its input is of order 1.
+(``mu_scale`` = mu of water by default), so its input is of order 1. Since ``f_c`` is zero
+wherever ``mu`` is, ``z`` is only needed on the bone: on the CPU, for a bone volume that needs no
+gradient, the CNN runs on the bone's voxels and the neighbourhoods they read
+(:meth:`ConvexSimilarityNet.lift`), the same values at a third of the dense convolutions' time
+on the CPU recipe's 64^3 chest (bench/RESULTS.md, "Training step").
 
 **Encoders.** Two 2D encoders of the same shape and separate weights: for each entry ``c`` of
 ``encoder_channels`` a 3 x 3 convolution of stride 2 into ``c`` channels and the activation;
@@ -79,6 +83,61 @@ def _positive_int(value: object, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ProstlabError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _dilate(mask: Tensor) -> Tensor:
+    """``mask`` (B, 1, D, H, W) grown by one voxel to its 26 neighbours."""
+    for dim in (2, 3, 4):
+        n = mask.shape[dim]
+        grown = mask.clone()
+        grown.narrow(dim, 1, n - 1).logical_or_(mask.narrow(dim, 0, n - 1))
+        grown.narrow(dim, 0, n - 1).logical_or_(mask.narrow(dim, 1, n - 1))
+        mask = grown
+    return mask
+
+
+def _convolutions_on_support(lifter: nn.Sequential, x: Tensor, support: Tensor) -> Tensor | None:
+    """``lifter(x)`` at the voxels where ``support`` (B, 1, D, H, W) is true, zeros elsewhere;
+    None when the voxels it reads are half the volume or more (the dense convolutions are faster
+    there).
+
+    ``lifter`` alternates 3 x 3 x 3 convolutions (zero padding 1) and activations. A
+    convolution's output at a voxel reads the voxel and its 26 neighbours, so the ``i``-th of
+    ``n`` convolutions is needed on the support grown ``n - i`` times. Each convolution runs as
+    one matrix product: the neighbourhoods of the voxels where it is needed, gathered as rows of
+    its input (padding voxels read a row of zeros), times its weights.
+    """
+    convolutions, activations = list(lifter)[0::2], list(lifter)[1::2]
+    sizes = x.shape[2:]
+    pad = (1,) * 6
+    # Voxels are indexed in the zero-padded volume, so that every neighbour has an index.
+    plane, row = (sizes[1] + 2) * (sizes[2] + 2), sizes[2] + 2
+    r = torch.arange(-1, 2, device=x.device)
+    offsets = (r[:, None, None] * plane + r[None, :, None] * row + r[None, None, :]).reshape(-1)
+    inside = F.pad(torch.ones_like(support), pad)
+    needed = [F.pad(support, pad)]
+    for _ in convolutions[1:]:
+        needed.append(_dilate(needed[-1]) & inside)
+    if 2 * int(needed[-1].sum()) >= support.numel():
+        return None
+    rows = F.pad(x, pad).reshape(-1, 1)  # the first convolution's input, one row per voxel
+    lookup = None  # padded voxel -> its row of the next input (None: the voxel's index)
+    for i, (conv, mask) in enumerate(zip(convolutions, reversed(needed), strict=True)):
+        at = mask.reshape(-1).nonzero().squeeze(1)
+        neighbours = at[:, None] + offsets
+        if lookup is not None:
+            neighbours = lookup[neighbours]
+        patches = rows.index_select(0, neighbours.reshape(-1)).reshape(len(at), -1)
+        weight = conv.weight.permute(0, 2, 3, 4, 1).reshape(conv.out_channels, -1)
+        out = torch.addmm(conv.bias, patches, weight.t())
+        if i < len(activations):
+            out = activations[i](out)
+            rows = torch.cat((out, out.new_zeros(1, out.shape[1])))
+            lookup = torch.full((mask.numel(),), len(at), dtype=torch.long, device=x.device)
+            lookup[at] = torch.arange(len(at), device=x.device)
+    z = out.new_zeros(needed[0].numel(), out.shape[1]).index_put((at,), out)
+    z = z.reshape(x.shape[0], *(n + 2 for n in sizes), out.shape[1]).permute(0, 4, 1, 2, 3)
+    return z[:, :, 1:-1, 1:-1, 1:-1]
 
 
 def _encoder(
@@ -173,6 +232,10 @@ class ConvexSimilarityNet(nn.Module):
         )
         self.target_encoder = _encoder(1, encoder_channels, pool_size, embedding_dim, act)
 
+    lift_on_support = True
+    """Run the lifting CNN on the bone's voxels only, where :meth:`lift` may; False: the dense
+    convolutions everywhere (the same values: for tests and benchmarks that compare)."""
+
     @property
     def camera(self) -> Camera:
         """The camera whose detector the projection and the target share."""
@@ -183,10 +246,19 @@ class ConvexSimilarityNet(nn.Module):
     def lift(self, bone_volume: Tensor) -> Tensor:
         """``(B|1, 1, D, H, W)`` bone mu -> ``(B|1, 1 + Cv, D, H, W)``: ``mu`` and ``mu softplus(z)``.
 
-        It does not depend on the pose: registration computes it once.
+        It does not depend on the pose: registration computes it once. ``mu softplus(z)`` is
+        zero wherever ``mu`` is, so on the CPU, when ``bone_volume`` needs no gradient (whose
+        value at those voxels would read ``z``), ``z`` is computed on the bone's voxels only
+        (:func:`_convolutions_on_support`).
         """
         self._check_bone(bone_volume)
-        z = self.lifter(bone_volume / self.mu_scale)
+        x = bone_volume / self.mu_scale
+        z = None
+        if (self.lift_on_support and bone_volume.device.type == "cpu"
+                and not bone_volume.requires_grad):
+            z = _convolutions_on_support(self.lifter, x, bone_volume != 0)
+        if z is None:
+            z = self.lifter(x)
         return torch.cat((bone_volume, bone_volume * F.softplus(z)), dim=1)
 
     def render(self, lifted: Tensor, spacing: Sequence[float], pose: Tensor) -> Tensor:
