@@ -105,7 +105,9 @@ def _convolutions_on_support(lifter: nn.Sequential, x: Tensor, support: Tensor) 
     convolution's output at a voxel reads the voxel and its 26 neighbours, so the ``i``-th of
     ``n`` convolutions is needed on the support grown ``n - i`` times. Each convolution runs as
     one matrix product: the neighbourhoods of the voxels where it is needed, gathered as rows of
-    its input (padding voxels read a row of zeros), times its weights.
+    its input (padding voxels read a row of zeros), times its weights; or, with fewer output
+    than input channels, the input rows times each of the 27 taps, of which each voxel gathers
+    and sums its neighbours' (fewer numbers to gather, and to scatter in the backward).
     """
     convolutions, activations = list(lifter)[0::2], list(lifter)[1::2]
     sizes = x.shape[2:]
@@ -127,9 +129,16 @@ def _convolutions_on_support(lifter: nn.Sequential, x: Tensor, support: Tensor) 
         neighbours = at[:, None] + offsets
         if lookup is not None:
             neighbours = lookup[neighbours]
-        patches = rows.index_select(0, neighbours.reshape(-1)).reshape(len(at), -1)
-        weight = conv.weight.permute(0, 2, 3, 4, 1).reshape(conv.out_channels, -1)
-        out = torch.addmm(conv.bias, patches, weight.t())
+        if conv.out_channels < conv.in_channels:  # the 27 taps on the input rows, then gather
+            taps = conv.weight.permute(1, 2, 3, 4, 0).reshape(conv.in_channels, -1)
+            per_tap = (rows @ taps).reshape(-1, conv.out_channels)  # row * 27 + tap
+            tap = torch.arange(27, device=x.device)
+            picked = per_tap.index_select(0, (neighbours * 27 + tap).reshape(-1))
+            out = picked.reshape(len(at), 27, -1).sum(dim=1) + conv.bias
+        else:  # gather the neighbourhoods, then one product with the weights
+            patches = rows.index_select(0, neighbours.reshape(-1)).reshape(len(at), -1)
+            weight = conv.weight.permute(0, 2, 3, 4, 1).reshape(conv.out_channels, -1)
+            out = torch.addmm(conv.bias, patches, weight.t())
         if i < len(activations):
             out = activations[i](out)
             rows = torch.cat((out, out.new_zeros(1, out.shape[1])))
