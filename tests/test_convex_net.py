@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,6 +204,49 @@ def test_lift_runs_on_the_bone_only_where_it_pays():
     net.lift(x.requires_grad_())
     net.lift(x.detach())
     assert calls == [1]
+
+
+def test_training_step_equals_every_gradient_and_the_dense_lift():
+    """A training step of the module (the geodesic-gradient loss and its backward into the
+    parameters) gives the losses and parameter gradients of the step that computes every
+    gradient the projector's inputs require and lifts with the dense convolutions
+    (bench/training.py's "before")."""
+    import dataclasses
+
+    from prostlab.data import example_path, load_prepared
+    from prostlab.lightning.training import ConvexSimilarityModule
+    from prostlab.lightning.volume_bank import VolumeBank
+    from prostlab.projector.autograd import every_gradient
+    from prostlab.similarity.convex_net import _convolutions_on_support
+
+    prepared = load_prepared(example_path())
+    prepared = dataclasses.replace(prepared, ct=prepared.ct.downsampled(4),
+                                   bone=prepared.bone.downsampled(4), labels=None)
+    torch.manual_seed(0)
+    module = ConvexSimilarityModule(
+        camera={"sdd": 1020.0, "sid": 620.0, "height": 8, "width": 8,
+                "pixel_spacing": [46.72, 46.72]},
+        step=12.0, backend="torch", net=SMALL,
+    )
+    module.volumes = VolumeBank([prepared])
+    bone = module.volumes[0].bone
+    assert _convolutions_on_support(module.net.lifter, bone, bone != 0) is not None
+    batch = {"gt_pose": _poses(2, seed=4) * 0.2, "initial_pose": _poses(2, seed=5),
+             "volume_index": torch.tensor([0, 0]), "case": torch.arange(2)}
+    results = []
+    for before in (False, True):
+        module.net.lift_on_support = not before
+        module.zero_grad()
+        with every_gradient() if before else contextlib.nullcontext():
+            losses = module.case_losses(batch)
+            if before:
+                losses.mean().backward()
+            else:
+                module.backward(losses.mean())
+        results.append((losses.detach(), *(p.grad for p in module.parameters())))
+    for now, before in zip(*results, strict=True):
+        torch.testing.assert_close(now, before, rtol=1e-4, atol=1e-5 * float(before.abs().max()))
+    assert all(float(g.abs().sum()) > 0 for g in results[0][1:])
 
 
 def test_double_backward_reaches_every_parameter(case):
