@@ -6,7 +6,9 @@
 #   2. the GPU benchmark (bench/projector_gpu.py), whose markdown table comes last;
 #   3. the CUDA kernels alone on the 384^3 volume (larger than the L2 cache), in the linear
 #      layout and then with 8^3 bricks and rays in Morton order (the CPU build's defaults),
-#      to decide whether the GPU should use them too.
+#      to decide whether the GPU should use them too;
+#   4. training steps and cases per second of configs/cpu.yaml's step at batch 2 and 16
+#      (bench/training.py --device cuda: the step before issue 20's pruned gradients and now).
 # Needs a CUDA build of torch and CuPy in the environment: `pip install -e '.[gpu]'` (and
 # `make setup TORCH_SPEC=torch` for torch's CUDA wheel).
 set -euo pipefail
@@ -39,3 +41,6 @@ layout=(--quick --volumes 384 --libs cupy --passes forward fwd+bwd --time-limit 
 timeout 40 "$PYTHON" bench/projector_gpu.py "${layout[@]}" --out results/projector_gpu_linear.md
 timeout 40 "$PYTHON" bench/projector_gpu.py "${layout[@]}" --cupy-bricks 3 --cupy-tile-rays \
     --out results/projector_gpu_bricks_tiles.md
+
+echo "== Training step (configs/cpu.yaml on the GPU)"
+timeout 90 "$PYTHON" bench/training.py --device cuda --steps 10 --batch 2 16

@@ -2,6 +2,7 @@
 
     python bench/training.py [--configs configs/cpu.yaml] [--steps 7] [--threads 1 2]
                              [--batch 2 4] [--checkpoint checkpoints/prost_cpu_chest.ckpt]
+                             [--device cuda]
 
 For each config, thread count and batch: build the module and the DataModule from its model and
 data sections, then time one training step as ``prostlab fit`` runs it (a batch of training
@@ -24,6 +25,9 @@ With ``--checkpoint``, the trained network's validation convexity (as ``prostlab
 validates: the fraction of the first config's validation cases whose pose gradient points
 towards the ground truth in rotation and in translation, and the mean cosines) on each path,
 and the largest relative difference between the two paths' pose gradients.
+
+``--device cuda`` runs both on a GPU (the CUDA kernels; the lift is dense there on both paths,
+so "before" differs by the pruned gradients only), each step timed to its last kernel.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class _Module(ConvexSimilarityModule):
         return self.step
 
 
-def build(config_path: str, batch: int | None):
+def build(config_path: str, batch: int | None, device: torch.device):
     config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
     model_args = {k: v for k, v in config["model"].items() if k != "validation_registration"}
     module = _Module(**model_args)
@@ -74,7 +78,11 @@ def build(config_path: str, batch: int | None):
         module.augmentation = TrainingAugmentation(module.hparams.augmentation, data.seed)
     # lr 0: every step costs what a step costs, and both paths see the same network.
     optimizer = torch.optim.SGD(module.net.parameters(), lr=0.0)
-    return module, optimizer, data.dataset("train"), data.batch_size
+    return module.to(device), optimizer, data.dataset("train"), data.batch_size
+
+
+def collate(cases, device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in default_collate(list(cases)).items()}
 
 
 def training_step(module, optimizer, cases, path: str) -> float:
@@ -91,13 +99,13 @@ def training_step(module, optimizer, cases, path: str) -> float:
     return float(loss.detach())
 
 
-def convexity(config: str, checkpoint: str) -> list[list[str]]:
+def convexity(config: str, checkpoint: str, device: torch.device) -> list[list[str]]:
     """The validation convexity of ``checkpoint``'s network on each path (module docstring)."""
-    module, _, _, _ = build(config, None)
+    module, _, _, _ = build(config, None, device)
     load_net_weights(module.net, checkpoint)
     data = PoseDataModule(**OmegaConf.to_container(OmegaConf.load(config), resolve=True)["data"])
     data.setup("fit")
-    cases = default_collate(list(data.dataset("val")))
+    cases = collate(data.dataset("val"), device)
     gradients = {}
     rows = []
     for path in PATHS:
@@ -126,9 +134,11 @@ def convexity(config: str, checkpoint: str) -> list[list[str]]:
     return rows
 
 
-def measure(config: str, threads: int, batch: int | None, steps: int) -> list[str]:
+def measure(config: str, threads: int, batch: int | None, steps: int,
+            device: torch.device) -> list[str]:
     torch.set_num_threads(threads)
-    module, optimizer, dataset, batch = build(config, batch)
+    module, optimizer, dataset, batch = build(config, batch, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
     batches = iter(range(10**6))
     pending = {}
 
@@ -136,8 +146,8 @@ def measure(config: str, threads: int, batch: int | None, steps: int) -> list[st
         if path == PATHS[0]:  # "before" draws the batch and "now" runs the same one
             module.step = next(batches)
             pending.clear()
-            pending["cases"] = default_collate(
-                [dataset[module.step * batch + i] for i in range(batch)]
+            pending["cases"] = collate(
+                (dataset[module.step * batch + i] for i in range(batch)), device
             )
         pending[path] = training_step(module, optimizer, pending["cases"], path)
         if len(pending) == 3:
@@ -149,7 +159,7 @@ def measure(config: str, threads: int, batch: int | None, steps: int) -> list[st
         run(path)  # warm-up
     for _ in range(steps):
         for path in PATHS:
-            one = measure_call(lambda path=path: run(path), warmup=0, repeats=1)
+            one = measure_call(lambda path=path: run(path), warmup=0, repeats=1, sync=sync)
             for key in one:
                 timings[path][key] += one[key]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -182,18 +192,20 @@ def main() -> None:
                         help="batch sizes (0: the config's)")
     parser.add_argument("--checkpoint", help="a trained network: its validation convexity on "
                         "both paths, on the first config's validation cases")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the CUDA kernels")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.checkpoint:
         print(markdown_table(
             ["config", "path", "cases", "convex fraction", "mean cos (rotation)",
              "mean cos (translation)", "max relative pose-gradient difference"],
-            convexity(args.configs[0], args.checkpoint),
+            convexity(args.configs[0], args.checkpoint, device),
         ) + "\n", flush=True)
     rows = []
     for config in args.configs:
         for threads in args.threads:
             for batch in args.batch:
-                rows.append(measure(config, threads, batch or None, args.steps))
+                rows.append(measure(config, threads, batch or None, args.steps, device))
                 print(rows[-1], f"load {load_average()}", flush=True)
     print(f"\nmachine: {machine_facts()}\nload average: {load_average()}\n")
     print(
