@@ -11,7 +11,8 @@ its double backward through the projector, the backward into the network, an opt
 two paths, alternating step by step in one process after one warm-up each:
 
 - ``before``: every gradient the projector's inputs require (:func:`every_gradient`), the
-  lifting CNN's dense convolutions (``lift_on_support = False``), ``loss.backward()``;
+  lifting CNN's dense convolutions and the whole lifted volume projected (``bone_only =
+  False``), ``loss.backward()`` into every leaf;
 - ``now``: the code as it is.
 
 Both paths run the same cases and augmentations (a new batch every step) with the same network
@@ -26,8 +27,9 @@ validates: the fraction of the first config's validation cases whose pose gradie
 towards the ground truth in rotation and in translation, and the mean cosines) on each path,
 and the largest relative difference between the two paths' pose gradients.
 
-``--device cuda`` runs both on a GPU (the CUDA kernels; the lift is dense there on both paths,
-so "before" differs by the pruned gradients only), each step timed to its last kernel.
+``--device cuda`` runs both on a GPU (the CUDA kernels; lift and projection are dense there on
+both paths, so "before" differs by the pruned gradients only), each step timed to its last
+kernel.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def collate(cases, device: torch.device) -> dict[str, torch.Tensor]:
 
 def training_step(module, optimizer, cases, path: str) -> float:
     """One step on ``path`` ("before" or "now"); the loss."""
-    module.net.lift_on_support = path == "now"
+    module.net.bone_only = path == "now"
     with every_gradient() if path == "before" else nullcontext():
         optimizer.zero_grad()
         loss = module.case_losses(cases, augment=True).mean()
@@ -109,7 +111,7 @@ def convexity(config: str, checkpoint: str, device: torch.device) -> list[list[s
     gradients = {}
     rows = []
     for path in PATHS:
-        module.net.lift_on_support = path == "now"
+        module.net.bone_only = path == "now"
         for metric in (module.val_convex, module.val_cos_rot, module.val_cos_trans):
             metric.reset()
         with every_gradient() if path == "before" else nullcontext():

@@ -173,18 +173,40 @@ def test_lift_on_the_bone_equals_the_dense_convolutions(case, depth, batch):
     bone = bone.reshape(shape)
     bone[0, 0, 0, :2, -2:] = 0.04
     net = _net(case[0], volume_depth=depth).double()
-    assert net.lift_on_support
+    assert net.bone_only
     assert _convolutions_on_support(net.lifter, bone, bone != 0) is not None
     weights = torch.rand(batch, 3, *shape[2:], generator=g, dtype=torch.float64)
     results = []
     for on_support in (True, False):
-        net.lift_on_support = on_support
+        net.bone_only = on_support
         lifted = net.lift(bone)
         grads = torch.autograd.grad((weights * lifted).square().sum(), list(net.lifter.parameters()))
         results.append((lifted, *grads))
     for sparse, dense in zip(*results, strict=True):
         torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-14)
     assert results[0][0][:, 1:].abs().sum() > 0
+
+
+def test_render_of_the_bones_box_equals_the_whole_volume(case):
+    """Projecting only the box around the bone (off centre in a non-cubic, anisotropic volume)
+    gives the whole volume's images and pose and parameter gradients."""
+    g = torch.Generator().manual_seed(7)
+    bone = torch.zeros(1, 1, 16, 12, 14, dtype=torch.float64)
+    bone[0, 0, 2:7, 6:11, 3:6] = 0.05 * torch.rand(5, 5, 3, generator=g, dtype=torch.float64)
+    spacing = (21.0, 24.0, 19.0)
+    net = _net(case[0]).double()
+    pose = _poses(2, dtype=torch.float64).requires_grad_()
+    weights = torch.rand(2, 3, 16, 16, generator=g, dtype=torch.float64)
+    results = []
+    for bone_only in (True, False):
+        net.bone_only = bone_only
+        image = net.render(net.lift(bone), spacing, pose)
+        grads = torch.autograd.grad((weights * image).square().sum(),
+                                    [pose, *net.lifter.parameters()])
+        results.append((image, *grads))
+    for inside, whole in zip(*results, strict=True):
+        torch.testing.assert_close(inside, whole, rtol=1e-9, atol=1e-12)
+    assert results[0][0].abs().sum() > 0
 
 
 def test_lift_runs_on_the_bone_only_where_it_pays():
@@ -235,7 +257,7 @@ def test_training_step_equals_every_gradient_and_the_dense_lift():
              "volume_index": torch.tensor([0, 0]), "case": torch.arange(2)}
     results = []
     for before in (False, True):
-        module.net.lift_on_support = not before
+        module.net.bone_only = not before
         module.zero_grad()
         with every_gradient() if before else contextlib.nullcontext():
             losses = module.case_losses(batch)

