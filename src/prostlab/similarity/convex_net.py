@@ -96,6 +96,14 @@ def _dilate(mask: Tensor) -> Tensor:
     return mask
 
 
+def _gather_rows(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]``, (N, C), for a table (R, C) and indices (N,); a table of one column is
+    gathered as a vector (four times faster on the CPU than rows of one number)."""
+    if table.shape[1] == 1:
+        return table.reshape(-1).index_select(0, index).unsqueeze(1)
+    return table.index_select(0, index)
+
+
 def _convolutions_on_support(lifter: nn.Sequential, x: Tensor, support: Tensor) -> Tensor | None:
     """``lifter(x)`` at the voxels where ``support`` (B, 1, D, H, W) is true, zeros elsewhere;
     None when the voxels it reads are half the volume or more (the dense convolutions are faster
@@ -128,15 +136,15 @@ def _convolutions_on_support(lifter: nn.Sequential, x: Tensor, support: Tensor) 
         at = mask.reshape(-1).nonzero().squeeze(1)
         neighbours = at[:, None] + offsets
         if lookup is not None:
-            neighbours = lookup[neighbours]
+            neighbours = lookup.index_select(0, neighbours.reshape(-1)).reshape(neighbours.shape)
         if conv.out_channels < conv.in_channels:  # the 27 taps on the input rows, then gather
             taps = conv.weight.permute(1, 2, 3, 4, 0).reshape(conv.in_channels, -1)
             per_tap = (rows @ taps).reshape(-1, conv.out_channels)  # row * 27 + tap
             tap = torch.arange(27, device=x.device)
-            picked = per_tap.index_select(0, (neighbours * 27 + tap).reshape(-1))
+            picked = _gather_rows(per_tap, (neighbours * 27 + tap).reshape(-1))
             out = picked.reshape(len(at), 27, -1).sum(dim=1) + conv.bias
         else:  # gather the neighbourhoods, then one product with the weights
-            patches = rows.index_select(0, neighbours.reshape(-1)).reshape(len(at), -1)
+            patches = _gather_rows(rows, neighbours.reshape(-1)).reshape(len(at), -1)
             weight = conv.weight.permute(0, 2, 3, 4, 1).reshape(conv.out_channels, -1)
             out = torch.addmm(conv.bias, patches, weight.t())
         if i < len(activations):
