@@ -280,8 +280,8 @@ class ConvexSimilarityNet(nn.Module):
         """``(B|1, 1, D, H, W)`` bone mu -> ``(B|1, 1 + Cv, D, H, W)``: ``mu`` and ``mu softplus(z)``.
 
         It does not depend on the pose: registration computes it once. ``mu softplus(z)`` is
-        zero wherever ``mu`` is, so on the CPU, when ``bone_volume`` needs no gradient (whose
-        value at those voxels would read ``z``), ``z`` is computed on the bone's voxels only
+        zero wherever ``mu`` is, so on the CPU, when ``bone_volume`` needs no gradient (which
+        would read ``z`` at those voxels too), ``z`` is computed on the bone's voxels only
         (:func:`_convolutions_on_support`).
         """
         self._check_bone(bone_volume)
@@ -297,12 +297,13 @@ class ConvexSimilarityNet(nn.Module):
         """Project a lifted volume at ``pose`` (B, 6): ``(B, 1 + Cv, h, w)``.
 
         Every channel of a lifted volume is zero where its bone channel (0) is, so on the CPU
-        only the box of the bone's voxels is projected, the pose moved to that box's centre: the
-        same image from fewer samples (the projector's support reaches a voxel beyond a volume's
-        last voxels, as the interpolant does; 30 % less time per projection on the CPU recipe's
-        chest).
-        The gradient it passes back to the voxels outside the box is zero, where :meth:`lift`'s
-        output is zero whatever the network's weights.
+        only the box of the bone's voxels is projected, in a frame moved to that box's centre:
+        the same image from fewer samples (the projector's support reaches a voxel beyond a
+        volume's last voxels, as the interpolant does; 30 % less time per projection on the CPU
+        recipe's chest). The gradient it passes back to the voxels outside the box is zero:
+        :meth:`lift`'s output there is zero whatever the network's weights, and only a gradient
+        with respect to the bone volume itself, which prostlab never takes, would miss them
+        (``bone_only = False`` projects the whole volume).
         """
         box = _bone_box(lifted) if self.bone_only and lifted.device.type == "cpu" else None
         if box is None:
