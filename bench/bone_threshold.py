@@ -127,8 +127,8 @@ def _figure(hu, truth, mask, title, patients, path) -> None:
         axes[1][col].imshow(prepared.ct.data[0].sum(2).T.numpy(), cmap="gray")
         axes[1][col].set_title(f"{folder.name}: CT", fontsize=8)
         axes[2][col].imshow(prepared.bone.data[0].sum(2).T.numpy(), cmap="gray")
-        axes[2][col].set_title(f"{folder.name}: bones ({prepared.meta['bones']['method']})",
-                               fontsize=8)
+        method = prepared.meta["bones"].get("method", "labels")  # older folders: labels
+        axes[2][col].set_title(f"{folder.name}: bones ({method})", fontsize=8)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
