@@ -363,6 +363,18 @@ def test_prepare_refuses_a_size_that_cannot_fit_in_memory(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.fixture
+def interruptible():
+    """SIGINT raises KeyboardInterrupt during the test, as in a terminal, also where the test run
+    was started in the background (a shell starts background jobs with SIGINT ignored, and
+    Python keeps a signal that it finds ignored)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _signal_now(signum):
     """A stand-in for a command's long step: the signal arrives while it runs."""
     import os
@@ -377,7 +389,7 @@ def _signal_now(signum):
 @pytest.mark.parametrize("signum", [2, 15])
 @pytest.mark.parametrize("command", ["render", "prepare", "register"])
 def test_a_signal_stops_a_command_with_128_plus_its_number_and_no_traceback(
-        tmp_path, capsys, monkeypatch, command, signum):
+        tmp_path, capsys, monkeypatch, command, signum, interruptible):
     """SIGINT printed a 30-line KeyboardInterrupt; SIGTERM ended the process where it stood."""
     import prostlab.data
     import prostlab.render
@@ -424,7 +436,8 @@ def test_a_stopped_register_overwrite_leaves_no_earlier_pose(tmp_path, capsys, m
     assert not (out / "pose.json").exists() and (out / "notes.txt").read_text() == "mine"
 
 
-def test_ctrl_c_around_a_lightning_command_exits_130_without_a_traceback(capsys, monkeypatch):
+def test_ctrl_c_around_a_lightning_command_exits_130_without_a_traceback(capsys, monkeypatch,
+                                                                        interruptible):
     """Lightning handles Ctrl-C inside its loops; one outside them (setup, the benchmark's
     summary) printed a KeyboardInterrupt traceback."""
     import prostlab.lightning.cli
