@@ -68,15 +68,7 @@ def test_cpu_kernels_match_torch_on_faces(cpu, dtype):
 def test_shared_volume_scatter_has_no_races(cpu, dtype):
     """Many rays (two poses, 32 x 32 pixels, 16 blocks) into one small shared volume: every voxel gets
     adds from many blocks on both threads; a lost update would show far above rounding."""
-    camera = Camera(sdd=200.0, sid=120.0, height=32, width=32, pixel_spacing=(1.0, 1.0))
-    grid, spacing = (6, 5, 7), (2.0, 2.0, 2.0)
-    rays = RayBundle.from_camera(camera, spacing, grid, 0.5, dtype, "cpu")
-    g = torch.Generator().manual_seed(3)
-    vol = torch.rand(1, 2, *grid, generator=g, dtype=torch.float64).to(dtype)
-    M = torch.tensor([[1.0, 0, 0, 0.1], [0, 1, 0, -0.2], [0, 0, 1, -120.0]], dtype=torch.float64)
-    M = torch.stack((M, M + torch.tensor([0.0, 0, 0, 0.3]))).to(dtype)
-    dM = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).to(dtype)
-    cot = torch.randn(2, 2, rays.directions.shape[0], generator=g, dtype=torch.float64).to(dtype)
+    rays, vol, M, dM, cot = shared_volume_case(32, 1.0, (6, 5, 7), 2.0, 0.5, 3, dtype)
     assert int(rays.sample_range(M)[1].sum()) > 100 * vol[0, 0].numel()  # 800 adds a voxel
     errors = compare_primitives(cpu, TorchBackend(), rays, vol, M, dM, cot, TOLERANCE[dtype])
     assert errors["vjp vol"] < TOLERANCE[dtype] and errors["jvp_vjp vol"] < TOLERANCE[dtype]
@@ -139,10 +131,17 @@ def test_thread_count_follows_torch(cpu):
 def contended_case(dtype):
     """Two poses of a 64 x 64 detector (64 blocks, 256 pose slots) through one small shared volume:
     with atomics, the order of the adds into each voxel and into gM changes from call to call."""
-    camera = Camera(sdd=200.0, sid=120.0, height=64, width=64, pixel_spacing=(0.5, 0.5))
-    grid = (12, 10, 14)
-    rays = RayBundle.from_camera(camera, (1.0, 1.0, 1.0), grid, 0.3, dtype, "cpu")
-    g = torch.Generator().manual_seed(5)
+    return shared_volume_case(64, 0.5, (12, 10, 14), 1.0, 0.3, 5, dtype)
+
+
+def shared_volume_case(pixels, pixel_mm, grid, voxel_mm, step, seed, dtype):
+    """``(rays, vol, M, dM, cot)``: two nearby poses of a ``pixels``-square detector 120 mm from
+    the source, through a small 2-channel random volume of ``grid`` voxels, with random
+    directions and cotangents drawn from ``seed`` (in float64, then cast to ``dtype``)."""
+    camera = Camera(sdd=200.0, sid=120.0, height=pixels, width=pixels,
+                    pixel_spacing=(pixel_mm, pixel_mm))
+    rays = RayBundle.from_camera(camera, (voxel_mm,) * 3, grid, step, dtype, "cpu")
+    g = torch.Generator().manual_seed(seed)
     vol = torch.rand(1, 2, *grid, generator=g, dtype=torch.float64).to(dtype)
     M = torch.tensor([[1.0, 0, 0, 0.1], [0, 1, 0, -0.2], [0, 0, 1, -120.0]], dtype=torch.float64)
     M = torch.stack((M, M + torch.tensor([0.0, 0, 0, 0.3]))).to(dtype)

@@ -26,6 +26,7 @@ chest CT (``bench/bone_threshold.py``, docs/data.md: "Bones without labels").
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,11 +63,10 @@ class BoneThreshold:
     max_hole_cm2: float = 20.0
 
     def __post_init__(self) -> None:
-        for name in ("bone_hu", "body_hu", "dense_hu", "grow_mm", "min_volume_ml",
-                     "body_opening_mm", "max_hole_cm2"):
-            value = getattr(self, name)
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
             if not np.isfinite(value):
-                raise ProstlabError(f"{name}: {value!r}; expected a finite number")
+                raise ProstlabError(f"{field.name}: {value!r}; expected a finite number")
         if not -500.0 <= self.bone_hu <= 1500.0:
             raise ProstlabError(
                 f"bone_hu: {self.bone_hu:g}; expected a threshold between -500 and 1500 HU "
