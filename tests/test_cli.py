@@ -482,3 +482,26 @@ def test_render_refuses_attenuation_far_above_bone(tmp_path, capsys, scale):
     err = _error(capsys)
     assert f"{path}: has attenuation up to" in err and "expected mu in 1/mm, at most 1" in err
     assert not out.exists()
+
+
+# --------------------------------------- render and register take the same flags (issue 19)
+
+
+def test_render_and_register_offer_every_projector_backend(tmp_path):
+    """``render --backend`` lacked ``cpu``, the compiled kernels that ``register`` and the
+    configs accept: both commands offer the projector's own list, and ``cpu`` renders the DRRs
+    that torch renders."""
+    from prostlab.backend_names import BACKENDS
+    from prostlab.cli import _parser
+    from prostlab.projector.backends.cpu_kernels import cpu_kernels_available
+
+    register = ["register", "--xray", "x.dcm", "--ct", "ct", "--out", "reg"]
+    for command in (["render"], register):
+        assert [_parser().parse_args([*command, "--backend", b]).backend
+                for b in BACKENDS] == list(BACKENDS)
+    if not cpu_kernels_available():
+        pytest.skip("the cpu kernels do not build here")
+    assert _render(tmp_path, tmp_path / "cpu", "--backend", "cpu") == 0
+    assert _render(tmp_path, tmp_path / "torch", "--backend", "torch") == 0
+    np.testing.assert_allclose(np.load(tmp_path / "cpu" / "drrs.npy"),
+                               np.load(tmp_path / "torch" / "drrs.npy"), rtol=1e-4, atol=1e-4)

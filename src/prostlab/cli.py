@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from prostlab.backend_names import BACKENDS
 from prostlab.errors import ProstlabError
 from prostlab.resources import resolve_checkpoint, resolve_config
 
@@ -236,6 +237,14 @@ def _config_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from error
 
 
+def _add_backend(parser: argparse.ArgumentParser) -> None:
+    """``--backend``, with the projector's choices (:data:`prostlab.backend_names.BACKENDS`), the
+    same for every command that renders."""
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="projector backend: auto (CuPy on CUDA, else the compiled cpu "
+                        "kernels when they build, else torch), torch, cupy or cpu (default auto)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prostlab",
@@ -303,7 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     ren.add_argument("--width", type=int, help="detector columns")
     ren.add_argument("--pixel-spacing", type=float, help="detector pixel size, mm")
     ren.add_argument("--step", type=float, default=1.75, help="sample step along rays, mm")
-    ren.add_argument("--backend", default="auto", choices=("auto", "torch", "cupy"))
+    _add_backend(ren)
     ren.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     ren.add_argument("--batch-size", type=int, default=8, help="poses rendered at once")
     ren.add_argument("--colorbar", action="store_true", help="PNG with a colour bar and title")
@@ -373,7 +382,7 @@ def _register_parser(sub) -> None:
     reg.add_argument("--relationship", choices=("lin", "log"),
                      help="the values are linear in the intensity, or its logarithm (default: "
                      "the DICOM's PixelIntensityRelationship, or lin for an image file)")
-    reg.add_argument("--backend", default="auto", choices=("auto", "torch", "cupy", "cpu"))
+    _add_backend(reg)
     reg.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     reg.add_argument("--out", required=True, help="output folder")
     reg.add_argument("--overwrite", action="store_true",

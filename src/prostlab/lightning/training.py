@@ -50,7 +50,7 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
     Args:
         camera: the detector geometry, a mapping of :class:`~prostlab.geometry.Camera` fields.
         step: sampling step along rays, mm.
-        backend: projector backend, "auto" (CuPy on CUDA tensors), "torch" or "cupy".
+        backend: projector backend, "auto" (CuPy on CUDA tensors), "torch", "cupy" or "cpu".
         net: architecture, keyword arguments of :class:`~prostlab.similarity.ConvexSimilarityNet`.
         rot_weight, trans_weight: weights of the SE(3) metric (0 drops that part of the loss).
         optimizer: ``{"name": "sgd" | "adam" | "adamw", **kwargs}`` (ProST's SGD by default).

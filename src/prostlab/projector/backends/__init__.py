@@ -16,10 +16,9 @@ import warnings
 
 import torch
 
+from prostlab.backend_names import BACKENDS
 from prostlab.errors import ProstlabError
 from prostlab.projector.backends.torch_backend import TorchBackend
-
-BACKENDS = ("auto", "torch", "cupy", "cpu")
 
 _warned_cpu_build = False
 
