@@ -47,7 +47,7 @@ __device__ __forceinline__ void forward_body(const Launch<T>& L) {
       const T tau = T(ray.k_first + k) * L.step;
       const Cell<T> cell(ray, tau, L);
       const Weights<T> wt(cell.f);
-#pragma unroll
+PROST_UNROLL
       for (int j = 0; j < kChannelTile; ++j) {
         if (c0 + j >= L.C) break;
         T v[8];
@@ -55,7 +55,7 @@ __device__ __forceinline__ void forward_body(const Launch<T>& L) {
         acc[j] += wt.value(v);
       }
     }
-#pragma unroll
+PROST_UNROLL
     for (int j = 0; j < kChannelTile; ++j) {
       if (c0 + j >= L.C) break;
       L.out[L.image_index(b, c0 + j, p)] = acc[j] * L.step + ray.poison;
@@ -80,7 +80,7 @@ __device__ __forceinline__ void jvp_body(const Launch<T>& L) {
       const Weights<T> wt(cell.f);
       T dq[3];
       vel.at(tau, L.inv_s, dq);
-#pragma unroll
+PROST_UNROLL
       for (int j = 0; j < kChannelTile; ++j) {
         if (c0 + j >= L.C) break;
         T v[8], grad[3];
@@ -89,7 +89,7 @@ __device__ __forceinline__ void jvp_body(const Launch<T>& L) {
         acc[j] += grad[0] * dq[0] + grad[1] * dq[1] + grad[2] * dq[2];
       }
     }
-#pragma unroll
+PROST_UNROLL
     for (int j = 0; j < kChannelTile; ++j) {
       if (c0 + j >= L.C) break;
       L.out[L.image_index(b, c0 + j, p)] = acc[j] * L.step + ray.poison;
@@ -98,7 +98,68 @@ __device__ __forceinline__ void jvp_body(const Launch<T>& L) {
 }
 
 // vjp (second_order = false) and jvp_vjp (second_order = true) share one walk: per sample,
-// scatter into gvol and accumulate the sample-position gradient gx for gM.
+// scatter into gvol (need_vol) and accumulate the sample-position gradient gx for gM (need_M).
+// The two flags are template parameters, so that each of the walks a launch can ask for is
+// compiled without the other's work or tests in its inner loop (vjp_body picks one).
+template <typename T, bool second_order, bool need_vol, bool need_M>
+__device__ __forceinline__ void vjp_walk(const Launch<T>& L, int b, int p, T S0[3], T S1[3],
+                                         T d[3]) {
+  const Ray<T> ray = make_ray(L, b, p);
+PROST_UNROLL
+  for (int a = 0; a < 3; ++a) d[a] = ray.d[a];
+PROST_UNROLL
+  for (int a = 0; a < 3; ++a) S0[a] = S1[a] = ray.poison;  // non-finite geometry: NaN gM
+  const Velocity<T> vel(second_order ? L.dM + 12 * (long long)b : L.M, ray.d);
+  for (int k = 0; k < ray.count; ++k) {
+    const long long next = ray.k_first + k + kPrefetchDistance;
+    if (need_M) prefetch_cell(ray, next, L, L.vol + L.channel_offset(b, 0), false);
+    if (need_vol && !(L.gvol_fixed > T(0)))
+      prefetch_cell(ray, next, L, L.gvol + host_worker() * L.gvol_copy + L.channel_offset(b, 0),
+                    true);
+    const T tau = T(ray.k_first + k) * L.step;
+    const Cell<T> cell(ray, tau, L);
+    const Weights<T> wt(cell.f);
+    T dq[3] = {};
+    if (second_order) vel.at(tau, L.inv_s, dq);
+    T rate[8];  // what each corner's coefficient is per unit of s g: its weight, or its rate
+    if (need_vol) {
+PROST_UNROLL
+      for (int n = 0; n < 8; ++n) rate[n] = second_order ? wt.weight_rate(n, dq) : wt.weight(n);
+    }
+    T mixed[8] = {};  // sum_ch s g_ch V_ch at each corner
+    for (int ch = 0; ch < L.C; ++ch) {
+      const T gs = L.g[L.image_index(b, ch, p)] * L.step;
+      const long long offset = L.channel_offset(b, ch);
+      if (need_vol) {
+        T coeff[8];
+PROST_UNROLL
+        for (int n = 0; n < 8; ++n) coeff[n] = gs * rate[n];
+        cell.scatter(L, offset, coeff);
+      }
+      if (need_M) {
+        T v[8];
+        cell.gather(L.vol + offset, v);
+PROST_UNROLL
+        for (int n = 0; n < 8; ++n) mixed[n] += gs * v[n];
+      }
+    }
+    if (need_M) {
+      T gq[3];
+      if (second_order) {
+        wt.hessian_times(mixed, dq, gq);
+      } else {
+        wt.gradient(mixed, gq);
+      }
+PROST_UNROLL
+      for (int a = 0; a < 3; ++a) {
+        const T gx = gq[a] * L.inv_s[a];
+        S0[a] += gx;
+        S1[a] += tau * gx;
+      }
+    }
+  }
+}
+
 template <typename T, bool second_order>
 __device__ __forceinline__ void vjp_body(const Launch<T>& L) {
   const int b = blockIdx.y;
@@ -106,55 +167,12 @@ __device__ __forceinline__ void vjp_body(const Launch<T>& L) {
   T S0[3] = {}, S1[3] = {};  // sum_k gx_k, sum_k tau_k gx_k
   T d[3] = {};
   if (p < L.P) {  // no early return: every lane takes part in the warp sum below
-    const Ray<T> ray = make_ray(L, b, p);
-#pragma unroll
-    for (int a = 0; a < 3; ++a) d[a] = ray.d[a];
-#pragma unroll
-    for (int a = 0; a < 3; ++a) S0[a] = S1[a] = ray.poison;  // non-finite geometry: NaN gM
-    const Velocity<T> vel(second_order ? L.dM + 12 * (long long)b : L.M, ray.d);
-    for (int k = 0; k < ray.count; ++k) {
-      const long long next = ray.k_first + k + kPrefetchDistance;
-      if (L.need_M) prefetch_cell(ray, next, L, L.vol + L.channel_offset(b, 0), false);
-      if (L.need_vol && !(L.gvol_fixed > T(0)))
-        prefetch_cell(ray, next, L, L.gvol + host_worker() * L.gvol_copy + L.channel_offset(b, 0),
-                      true);
-      const T tau = T(ray.k_first + k) * L.step;
-      const Cell<T> cell(ray, tau, L);
-      const Weights<T> wt(cell.f);
-      T dq[3] = {};
-      if (second_order) vel.at(tau, L.inv_s, dq);
-      T mixed[8] = {};  // sum_ch s g_ch V_ch at each corner
-      for (int ch = 0; ch < L.C; ++ch) {
-        const T gs = L.g[L.image_index(b, ch, p)] * L.step;
-        const long long offset = L.channel_offset(b, ch);
-        if (L.need_vol) {
-          T coeff[8];
-#pragma unroll
-          for (int n = 0; n < 8; ++n)
-            coeff[n] = gs * (second_order ? wt.weight_rate(n, dq) : wt.weight(n));
-          cell.scatter(L, offset, coeff);
-        }
-        if (L.need_M) {
-          T v[8];
-          cell.gather(L.vol + offset, v);
-#pragma unroll
-          for (int n = 0; n < 8; ++n) mixed[n] += gs * v[n];
-        }
-      }
-      if (L.need_M) {
-        T gq[3];
-        if (second_order) {
-          wt.hessian_times(mixed, dq, gq);
-        } else {
-          wt.gradient(mixed, gq);
-        }
-#pragma unroll
-        for (int a = 0; a < 3; ++a) {
-          const T gx = gq[a] * L.inv_s[a];
-          S0[a] += gx;
-          S1[a] += tau * gx;
-        }
-      }
+    if (L.need_vol && L.need_M) {
+      vjp_walk<T, second_order, true, true>(L, b, p, S0, S1, d);
+    } else if (L.need_vol) {
+      vjp_walk<T, second_order, true, false>(L, b, p, S0, S1, d);
+    } else if (L.need_M) {
+      vjp_walk<T, second_order, false, true>(L, b, p, S0, S1, d);
     }
   }
   if (L.need_M) add_pose_gradient(L, b, p, S0, S1, d);

@@ -23,6 +23,15 @@
 #define PROST_HOST_EXPORT(kernel)
 #endif
 
+// Fully unroll the next loop. `#pragma unroll` is nvcc's spelling; g++ ignores it (with a
+// warning that the host build silences) and needs its own, without which the small per-corner
+// and per-axis loops stay loops and their arrays live in memory.
+#ifdef PROST_HOST_EMULATION
+#define PROST_UNROLL _Pragma("GCC unroll 16")
+#else
+#define PROST_UNROLL _Pragma("unroll")
+#endif
+
 namespace prost {
 
 // ------------------------------------------------------------------------------- scalar helpers
@@ -103,7 +112,7 @@ struct Launch {
   __device__ __forceinline__ long long voxels() const {
     if (brick_shift == 0) return (long long)n[0] * n[1] * n[2];
     long long count = 1;
-#pragma unroll
+PROST_UNROLL
     for (int a = 0; a < 3; ++a) count *= (long long)((n[a] + (1 << brick_shift) - 1) >> brick_shift);
     return count << (3 * brick_shift);
   }
@@ -150,7 +159,7 @@ struct Ray {
 template <typename T>
 __device__ __forceinline__ void clip_ray(Ray<T>& ray, const T half[3], T length, T step) {
   T t_in = -huge_<T>(), t_out = huge_<T>();
-#pragma unroll
+PROST_UNROLL
   for (int a = 0; a < 3; ++a) {
     T lo, hi;
     if (abs_(ray.w[a]) < T(1e-12)) {
@@ -188,9 +197,9 @@ template <typename T>
 __device__ __forceinline__ Ray<T> make_ray(const Launch<T>& L, int b, int p) {
   Ray<T> ray;
   const T* m = L.M + 12 * (long long)b;
-#pragma unroll
+PROST_UNROLL
   for (int a = 0; a < 3; ++a) ray.d[a] = L.dirs[3 * (long long)p + a];
-#pragma unroll
+PROST_UNROLL
   for (int a = 0; a < 3; ++a) {
     ray.c[a] = m[4 * a + 3];
     ray.w[a] = m[4 * a] * ray.d[0] + m[4 * a + 1] * ray.d[1] + m[4 * a + 2] * ray.d[2];
@@ -208,14 +217,14 @@ struct Velocity {
   T dw[3];
 
   __device__ __forceinline__ Velocity(const T* dm, const T d[3]) {
-#pragma unroll
+PROST_UNROLL
     for (int a = 0; a < 3; ++a) {
       dc[a] = dm[4 * a + 3];
       dw[a] = dm[4 * a] * d[0] + dm[4 * a + 1] * d[1] + dm[4 * a + 2] * d[2];
     }
   }
   __device__ __forceinline__ void at(T tau, const T inv_s[3], T dq[3]) const {
-#pragma unroll
+PROST_UNROLL
     for (int a = 0; a < 3; ++a) dq[a] = (dc[a] + tau * dw[a]) * inv_s[a];
   }
 };
@@ -233,9 +242,10 @@ struct Cell {
   T f[3];
   bool lo[3];  // corner index floor(q_a) is inside the grid
   bool hi[3];  // corner index floor(q_a) + 1 is inside the grid
+  bool all;    // all eight corners are inside the grid (most samples: no per-corner test)
 
   __device__ __forceinline__ Cell(const Ray<T>& ray, T tau, const Launch<T>& L) {
-#pragma unroll
+PROST_UNROLL
     for (int a = 0; a < 3; ++a) {
       const T x = ray.c[a] + tau * ray.w[a];
       T q = x * L.inv_s[a] + T(L.n[a] - 1) * T(0.5);
@@ -249,6 +259,7 @@ struct Cell {
       off[a][0] = L.axis_offset(a, i);
       off[a][1] = L.axis_offset(a, i + 1);
     }
+    all = lo[0] && hi[0] && lo[1] && hi[1] && lo[2] && hi[2];
   }
 
   // Whether corner n = 4 a + 2 b + c (offsets a, b, c along the three axes) lies in the grid.
@@ -261,8 +272,13 @@ struct Cell {
 
   // v[n] = channel[corner n], or 0 outside the grid.
   __device__ __forceinline__ void gather(const T* __restrict__ channel, T v[8]) const {
-#pragma unroll
-    for (int n = 0; n < 8; ++n) v[n] = inside(n) ? __ldg(channel + index(n)) : T(0);
+    if (all) {
+PROST_UNROLL
+      for (int n = 0; n < 8; ++n) v[n] = __ldg(channel + index(n));
+    } else {
+PROST_UNROLL
+      for (int n = 0; n < 8; ++n) v[n] = inside(n) ? __ldg(channel + index(n)) : T(0);
+    }
   }
 
   // gvol[offset + corner n] += coeff[n] for the corners inside the grid, as L.gvol_fixed and
@@ -271,17 +287,22 @@ struct Cell {
                                           const T coeff[8]) const {
     if (L.gvol_fixed > T(0)) {
       unsigned long long* fixed = reinterpret_cast<unsigned long long*>(L.gvol) + offset;
-#pragma unroll
+PROST_UNROLL
       for (int n = 0; n < 8; ++n)
         if (inside(n)) atomicAdd(fixed + index(n), to_fixed(coeff[n], L.gvol_fixed));
     } else if (L.gvol_copy > 0) {
       T* own = L.gvol + host_worker() * L.gvol_copy + offset;
-#pragma unroll
-      for (int n = 0; n < 8; ++n)
-        if (inside(n)) own[index(n)] += coeff[n];
+      if (all) {
+PROST_UNROLL
+        for (int n = 0; n < 8; ++n) own[index(n)] += coeff[n];
+      } else {
+PROST_UNROLL
+        for (int n = 0; n < 8; ++n)
+          if (inside(n)) own[index(n)] += coeff[n];
+      }
     } else {
       T* channel = L.gvol + offset;
-#pragma unroll
+PROST_UNROLL
       for (int n = 0; n < 8; ++n)
         if (inside(n)) atomicAdd(channel + index(n), coeff[n]);
     }
@@ -308,13 +329,13 @@ __device__ __forceinline__ void prefetch_cell(const Ray<T>& ray, long long k, co
   if (k >= ray.k_first + ray.count) return;
   const T tau = T(k) * L.step;
   int i[3];
-#pragma unroll
+PROST_UNROLL
   for (int a = 0; a < 3; ++a) {
     const T q = (ray.c[a] + tau * ray.w[a]) * L.inv_s[a] + T(L.n[a] - 1) * T(0.5);
     i[a] = min_(max_((int)floor_(q), 0), max_(L.n[a] - 2, 0));
   }
   const T* base = channel + L.axis_offset(2, i[2]);
-#pragma unroll
+PROST_UNROLL
   for (int n = 0; n < 4; ++n) {
     const T* line = base + L.axis_offset(0, i[0] + (n >> 1)) + L.axis_offset(1, i[1] + (n & 1));
     if (for_write) {
@@ -341,7 +362,7 @@ struct Weights {
   T u[3][2];
 
   __device__ __forceinline__ explicit Weights(const T f[3]) {
-#pragma unroll
+PROST_UNROLL
     for (int a = 0; a < 3; ++a) {
       u[a][0] = T(1) - f[a];
       u[a][1] = f[a];
@@ -355,7 +376,7 @@ struct Weights {
 
   __device__ __forceinline__ T value(const T v[8]) const {
     T s = T(0);
-#pragma unroll
+PROST_UNROLL
     for (int n = 0; n < 8; ++n) s += weight(n) * v[n];
     return s;
   }
@@ -363,9 +384,9 @@ struct Weights {
   // grad[a] = df/dq_a.
   __device__ __forceinline__ void gradient(const T v[8], T grad[3]) const {
     grad[0] = grad[1] = grad[2] = T(0);
-#pragma unroll
+PROST_UNROLL
     for (int i = 0; i < 2; ++i) {
-#pragma unroll
+PROST_UNROLL
       for (int j = 0; j < 2; ++j) {
         grad[0] += u[1][i] * u[2][j] * (v[4 + 2 * i + j] - v[2 * i + j]);
         grad[1] += u[0][i] * u[2][j] * (v[4 * i + 2 + j] - v[4 * i + j]);
@@ -377,7 +398,7 @@ struct Weights {
   // out = H dq, the Hessian (zero diagonal) of the interpolant times dq.
   __device__ __forceinline__ void hessian_times(const T v[8], const T dq[3], T out[3]) const {
     T h01 = T(0), h02 = T(0), h12 = T(0);
-#pragma unroll
+PROST_UNROLL
     for (int i = 0; i < 2; ++i) {
       h01 += u[2][i] * (v[6 + i] - v[4 + i] - v[2 + i] + v[i]);
       h02 += u[1][i] * (v[5 + 2 * i] - v[4 + 2 * i] - v[1 + 2 * i] + v[2 * i]);
@@ -418,7 +439,7 @@ constexpr int kSlotRays = 32;
 // emulation). Every lane of the warp must call it.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
+PROST_UNROLL
   for (int offset = warpSize / 2; offset > 0; offset /= 2)
     v += __shfl_down_sync(0xffffffffu, v, offset);
   return v;
@@ -438,9 +459,9 @@ __device__ __forceinline__ void add_pose_gradient(const Launch<T>& L, int b, int
   const long long slots = (long long)gridDim.x * blockDim.x / kSlotRays;
   T* target = L.pose_slots ? L.gM + 12 * ((long long)b * slots + p / kSlotRays)
                            : L.gM + 12 * (long long)b;
-#pragma unroll
+PROST_UNROLL
   for (int i = 0; i < 3; ++i) {
-#pragma unroll
+PROST_UNROLL
     for (int j = 0; j < 4; ++j) {
       const T e = warp_sum(j < 3 ? S1[i] * d[j] : S0[i]);
       if (!lane0) continue;
