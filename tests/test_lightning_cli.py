@@ -106,6 +106,24 @@ def test_fit_without_a_logger_trains_and_saves(tmp_path, capsys):
     assert (tmp_path / TINY_CHECKPOINTS / "last.ckpt").is_file()
 
 
+@pytest.mark.parametrize("flag", ["max_epochs", "max_steps", "limit_train_batches"])
+def test_a_fit_that_trains_nothing_is_refused(tmp_path, capsys, flag):
+    line = refusal(capsys, "fit", f"--trainer.{flag}", "0")
+    assert f"--trainer.{flag} 0: trains nothing" in line and "expected" in line
+    assert not (tmp_path / TINY_CHECKPOINTS).exists()
+
+
+def test_resuming_a_checkpoint_at_max_steps_is_refused(tmp_path, capsys):
+    assert main(["fit", "--config", str(TINY), *QUICK, "--trainer.max_steps", "2"]) == 0
+    capsys.readouterr()
+    last = tmp_path / TINY_CHECKPOINTS / "last.ckpt"
+    before = last.stat().st_mtime_ns
+    line = refusal(capsys, "fit", "--trainer.max_steps", "2", "--ckpt_path", "last")
+    assert f"--trainer.max_steps 2: {last} is at step 2 already" in line, line
+    assert "--trainer.max_steps 4 trains 2 more" in line
+    assert last.stat().st_mtime_ns == before and len(list(last.parent.iterdir())) == 1
+
+
 def tiny_model_checkpoint(path, **hyper_parameters) -> None:
     """A checkpoint of an untrained tiny-config network, its hyperparameters changed."""
     model_config = yaml.safe_load(TINY.read_text())["model"]

@@ -36,8 +36,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_compatible(path: str | Path, model: torch.nn.Module) -> None:
-    """Raise if the checkpoint at ``path`` was trained for another camera or architecture."""
+def check_compatible(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Raise if the checkpoint at ``path`` was trained for another camera or architecture;
+    return its contents (:func:`read_checkpoint`)."""
     checkpoint = read_checkpoint(path)
     saved = checkpoint.get("hyper_parameters", {})
     ours = dict(model.hparams)
@@ -60,6 +61,7 @@ def check_compatible(path: str | Path, model: torch.nn.Module) -> None:
     if missing:
         raise ProstlabError(f"{path}: lacks {missing[:3]}; expected the config's architecture "
                             "(model.net)")
+    return checkpoint
 
 
 def load_net_weights(net: torch.nn.Module, path: str | Path) -> None:

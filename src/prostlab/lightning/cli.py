@@ -108,6 +108,8 @@ class _ProstlabCLI(LightningCLI):
       describes) and instead requires the checkpoint's camera and network to be the config's.
     - ``--ckpt_path`` that is not a readable checkpoint, ``best`` (no best checkpoint is known
       before a run) and ``last`` without a ``last.ckpt`` are refused in one line.
+    - ``fit`` that would train no step (``max_epochs`` 0, or a resumed checkpoint already at
+      ``max_steps``) is refused: Lightning would exit 0 and write nothing.
     - ``data.camera`` is ``model.camera``, linked: real X-rays are fitted to the model's detector.
     """
 
@@ -169,7 +171,8 @@ class _ProstlabCLI(LightningCLI):
         if self._configured_model is not None:
             self.config[self.subcommand]["model"] = self._configured_model
 
-    def _check_checkpoint(self) -> None:
+    def _check_checkpoint(self) -> dict | None:
+        """Check ``--ckpt_path`` (resolving ``last``); return the checkpoint read, if a file."""
         trainer, arguments = self.trainer, self.config_init[self.subcommand]
         if not trainer.loggers:  # it would fail at the first step with no logger to write to
             trainer.callbacks[:] = [
@@ -195,9 +198,15 @@ class _ProstlabCLI(LightningCLI):
                 )
             path = arguments["ckpt_path"] = str(max(found, key=lambda p: p.stat().st_mtime))
         if path not in SPECIAL_CKPT_PATHS and path is not None:
-            check_compatible(path, self.model)
+            return check_compatible(path, self.model)
+        return None
 
-    before_fit = before_validate = before_test = _check_checkpoint
+    def before_fit(self) -> None:
+        checkpoint = self._check_checkpoint()
+        _check_something_to_train(self.trainer, checkpoint,
+                                  self.config_init[self.subcommand].get("ckpt_path"))
+
+    before_validate = before_test = _check_checkpoint
 
 
 def _prostlab_error_in(exc: BaseException) -> ProstlabError | None:
@@ -209,6 +218,36 @@ def _prostlab_error_in(exc: BaseException) -> ProstlabError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+_NOTHING_TO_TRAIN = {
+    "max_epochs": "expected at least 1 (or -1, no limit, with --trainer.max_steps)",
+    "max_steps": "expected at least 1 (or -1, no limit, with --trainer.max_epochs)",
+    "limit_train_batches": "expected a positive number (or fraction) of batches per epoch",
+}
+"""The trainer settings whose 0 ends ``fit`` before its first step, and what is expected."""
+
+
+def _check_something_to_train(trainer, checkpoint: dict | None, path: str | None) -> None:
+    """Refuse a ``fit`` that would train no step: Lightning then exits 0, writes no checkpoint
+    and says no more than an info line.
+
+    That happens when ``max_epochs``, ``max_steps`` or ``limit_train_batches`` is 0, and when
+    the resumed ``checkpoint`` (read from ``path``) has reached ``max_steps`` already, which
+    counts from the start of the run, not from the resumed step.
+    """
+    for flag, expected in _NOTHING_TO_TRAIN.items():
+        if getattr(trainer, flag) == 0:
+            raise ProstlabError(f"--trainer.{flag} 0: trains nothing and writes no checkpoint; "
+                                f"{expected}")
+    step, limit = (checkpoint or {}).get("global_step"), trainer.max_steps
+    if step is not None and limit != -1 and step >= limit:
+        raise ProstlabError(
+            f"--trainer.max_steps {limit}: {path} is at step {step} already, so resuming it "
+            f"trains nothing; expected more than {step}: max_steps counts from the run's start, "
+            f"so --trainer.max_steps {step + limit} trains {limit} more (or leave --ckpt_path "
+            "out to start afresh)"
+        )
 
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
