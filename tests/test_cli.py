@@ -505,3 +505,25 @@ def test_render_and_register_offer_every_projector_backend(tmp_path):
     assert _render(tmp_path, tmp_path / "torch", "--backend", "torch") == 0
     np.testing.assert_allclose(np.load(tmp_path / "cpu" / "drrs.npy"),
                                np.load(tmp_path / "torch" / "drrs.npy"), rtol=1e-4, atol=1e-4)
+
+
+def test_render_and_register_take_one_pixel_spacing_or_two(tmp_path, capsys):
+    """``render --pixel-spacing`` took one value and ``register``'s two: both take one (square
+    pixels) or two (rows, columns), by one parser, and refuse three."""
+    from prostlab.cli import _parser
+
+    register = ["register", "--xray", "x.dcm", "--ct", "ct", "--out", "reg"]
+    for command in (["render"], register):
+        for values, pair in ((["0.5"], (0.5, 0.5)), (["0.5", "0.25"], (0.5, 0.25))):
+            assert _parser().parse_args([*command, "--pixel-spacing", *values]).pixel_spacing \
+                == pair
+        with pytest.raises(SystemExit) as exit_info:
+            _parser().parse_args([*command, "--pixel-spacing", "1", "2", "3"])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"prostlab {command[0]}: error: argument --pixel-spacing: expected one value in mm "
+            "(square pixels) or two (ROW_MM COLUMN_MM), got 3")
+    assert _render(tmp_path, tmp_path / "drr", "--pixel-spacing", "12", "6") == 0
+    rectangular = np.load(tmp_path / "drr" / "drrs.npy")
+    assert _render(tmp_path, tmp_path / "drr", "--overwrite") == 0  # SMALL's 12 mm square pixels
+    assert not np.allclose(rectangular, np.load(tmp_path / "drr" / "drrs.npy"))

@@ -88,11 +88,9 @@ def _render_into(out: Path, args: argparse.Namespace) -> None:
     camera = camera_from_config(args.config) if args.config else PROST_PELVIS_CAMERA
     overrides = {
         k: getattr(args, k)
-        for k in ("sdd", "sid", "height", "width")
+        for k in ("sdd", "sid", "height", "width", "pixel_spacing")
         if getattr(args, k) is not None
     }
-    if args.pixel_spacing is not None:
-        overrides["pixel_spacing"] = (args.pixel_spacing, args.pixel_spacing)
     if overrides:
         camera = Camera.from_dict({**camera.to_dict(), **overrides})
 
@@ -126,9 +124,8 @@ def _register(args: argparse.Namespace) -> int:
         write_outputs,
     )
 
-    camera = {k: getattr(args, k) for k in ("sdd", "sid") if getattr(args, k) is not None}
-    if args.pixel_spacing is not None:
-        camera["pixel_spacing"] = tuple(args.pixel_spacing)
+    camera = {k: getattr(args, k) for k in ("sdd", "sid", "pixel_spacing")
+              if getattr(args, k) is not None}
     search = {key: getattr(args, f"search_{key}") for key in ("rotation_deg", "depth_mm",
                                                               "shift_mm")}
     given = [key for key, value in search.items() if value is not None]
@@ -237,6 +234,26 @@ def _config_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from error
 
 
+class _PixelSpacing(argparse.Action):
+    """``--pixel-spacing MM`` (square pixels) or ``--pixel-spacing ROW_MM COLUMN_MM``, stored as
+    the pair ``(row, column)`` that a camera's ``pixel_spacing`` is; more values are refused."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if len(values) > 2:
+            raise argparse.ArgumentError(
+                self, f"expected one value in mm (square pixels) or two (ROW_MM COLUMN_MM), got "
+                f"{len(values)}")
+        setattr(namespace, self.dest, (values[0], values[-1]))
+
+
+def _add_pixel_spacing(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--pixel-spacing``, one value or two (:class:`_PixelSpacing`), the same for every
+    command that takes a detector's pixel size."""
+    parser.add_argument("--pixel-spacing", type=float, nargs="+", action=_PixelSpacing,
+                        metavar=("ROW_MM", "COLUMN_MM"),
+                        help=f"{help}: one value for square pixels, or ROW_MM COLUMN_MM")
+
+
 def _add_backend(parser: argparse.ArgumentParser) -> None:
     """``--backend``, with the projector's choices (:data:`prostlab.backend_names.BACKENDS`), the
     same for every command that renders."""
@@ -310,7 +327,7 @@ def _parser() -> argparse.ArgumentParser:
     ren.add_argument("--sid", type=float, help="source-to-isocentre distance, mm")
     ren.add_argument("--height", type=int, help="detector rows")
     ren.add_argument("--width", type=int, help="detector columns")
-    ren.add_argument("--pixel-spacing", type=float, help="detector pixel size, mm")
+    _add_pixel_spacing(ren, "detector pixel size, mm")
     ren.add_argument("--step", type=float, default=1.75, help="sample step along rays, mm")
     _add_backend(ren)
     ren.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
@@ -372,8 +389,7 @@ def _register_parser(sub) -> None:
     reg.add_argument("--sdd", type=float, help="source-to-detector distance, mm (replaces the "
                      "DICOM tag; required for images without one)")
     reg.add_argument("--sid", type=float, help="source-to-isocentre (patient) distance, mm")
-    reg.add_argument("--pixel-spacing", type=float, nargs=2, metavar=("ROW_MM", "COLUMN_MM"),
-                     help="the X-ray's pixel size at the detector, mm")
+    _add_pixel_spacing(reg, "the X-ray's pixel size at the detector, mm")
     reg.add_argument("--i0", type=float, help="unattenuated intensity (default: estimated)")
     reg.add_argument("--sign", type=int, choices=(1, -1),
                      help="1: the X-ray's values grow with the beam intensity (raw detector data, "
