@@ -1,8 +1,12 @@
 """Output files and folders (prostlab.outputs): atomic writes, writable folders, run folders."""
 
 import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -156,3 +160,49 @@ def test_concurrent_runs_get_distinct_folders(tmp_path):
     for t in threads:
         t.join()
     assert len({p.name for p in got}) == 8
+
+
+def _temporary(folder: Path, pid: int, age_s: float, name: str) -> Path:
+    """A temporary file of the writer ``pid`` in ``folder``, last modified ``age_s`` ago."""
+    path = folder / f".tmp-{pid}-0badcafe.{name}"
+    path.write_text("half")
+    past = time.time() - age_s
+    os.utime(path, (past, past))
+    return path
+
+
+def _finished_pid() -> int:
+    """The PID of a process that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def _enter_last_checkpoint_folder(folder: Path) -> None:
+    from prostlab.lightning.last_checkpoint import LastCheckpoint
+
+    trainer = SimpleNamespace(callbacks=[], default_root_dir=str(folder.parent))
+    LastCheckpoint(dirpath=str(folder)).setup(trainer, None, "fit")
+
+
+@pytest.mark.parametrize(
+    ("sub", "enter"),
+    [("out", check_writable_dir),  # render, prepare, register, test's output_dir
+     ("results/earlier-run", lambda folder: new_run_dir(folder.parent)),  # test's run folders
+     ("checkpoints", _enter_last_checkpoint_folder)],  # fit's last.ckpt
+)
+def test_a_new_run_removes_stale_temporaries_and_keeps_live_ones(tmp_path, sub, enter):
+    folder = tmp_path / sub
+    folder.mkdir(parents=True)
+    finished, live = _finished_pid(), os.getpid()
+    stale = [_temporary(folder, finished, 120, "cases.csv"),  # its writer was killed
+             _temporary(folder, live, 25 * 3600, "last.ckpt")]  # a day old: the PID was reused
+    kept = [_temporary(folder, live, 3 * 3600, "drrs.npy"),  # its writer still runs
+            _temporary(folder, finished, 5, "pose.json"),  # being written (from another machine)
+            folder / ".tmp-notes.txt", folder / "cases.csv"]  # not temporaries of prostlab
+    for path in kept[2:]:
+        path.write_text("the user's")
+    enter(folder)
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in kept)
+

@@ -9,7 +9,8 @@ Every command that writes results uses these helpers:
   system, so a reader sees the old file or the new one, never half of one. On an error the
   temporary file is removed and the target is left as it was.
 * :func:`check_writable_dir` creates a folder (and its parents) and writes and removes a probe
-  file in it, so an unwritable output folder is refused *before* the work starts.
+  file in it, so an unwritable output folder is refused *before* the work starts. It also
+  removes the temporary files that killed writers left there (:func:`remove_stale_temporaries`).
 * :func:`fresh_output_dir` is the rule of ``prostlab render``, ``prepare`` and ``register``: the
   folder must be empty (or new) unless ``overwrite`` is set. :func:`output_folder` applies it for
   the length of a job and removes the folder again if the job fails before writing into it.
@@ -33,6 +34,7 @@ import json
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +44,16 @@ LATEST = "latest"
 """Name of the link, in a runs folder, to the newest run."""
 
 _TMP_PREFIX = ".tmp-"
+_TEMPORARY = re.compile(r"\.tmp-(\d+)-[0-9a-f]+\..+")
+"""A temporary name of :func:`temporary_name`; group 1 is the writer's PID."""
+
+QUIET_S = 60.0
+"""A temporary file written to within this many seconds is never removed: a writer on another
+machine that shares the folder has a PID that means nothing here, but its file keeps changing."""
+
+STALE_AFTER_S = 24 * 3600.0
+"""A temporary file untouched this long is stale even if its PID runs: the PID has been reused
+(prostlab's writers move their files into place within seconds to minutes)."""
 
 MANIFEST = ".prostlab-outputs.json"
 """Name of the file, in an output folder, that lists the files each command wrote there."""
@@ -49,8 +61,50 @@ MANIFEST = ".prostlab-outputs.json"
 _MANIFEST_FORMAT = "prostlab-outputs/1"
 
 
-def _temporary_name(path: Path) -> Path:
+def temporary_name(path: str | Path) -> Path:
+    """A temporary name beside ``path``, ``.tmp-<pid>-<hex>.<name>``, for a file written there
+    and renamed onto ``path``; the PID tells :func:`remove_stale_temporaries` whose it is."""
+    path = Path(path)
     return path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.{path.name}")
+
+
+def _runs(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (on doubt, or off POSIX: yes)."""
+    if os.name != "posix":  # os.kill would end the process there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files (:func:`temporary_name`) of killed writers from ``folder``.
+
+    A writer killed outright (SIGKILL, power loss) leaves its ``.tmp-<pid>-<hex>.<name>``
+    behind. Such a file (or link) is removed when it has not been modified for
+    :data:`QUIET_S` and its PID runs no process here, or when it has not been modified for
+    :data:`STALE_AFTER_S`. A live writer's file is kept: its PID runs, or it is being written.
+    Returns the removed paths; a folder that cannot be listed yields none.
+    """
+    now, removed = time.time(), []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or entry.is_dir(follow_symlinks=False):
+            continue
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            if age >= STALE_AFTER_S or (age >= QUIET_S and not _runs(int(match[1]))):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
 
 
 @contextlib.contextmanager
@@ -66,7 +120,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     removed and ``path`` is untouched (an exception is re-raised; an empty block is an error).
     """
     path = Path(path)
-    tmp = _temporary_name(path)
+    tmp = temporary_name(path)
     try:
         yield tmp
         if not tmp.exists():
@@ -89,15 +143,16 @@ def write_text(path: str | Path, text: str) -> Path:
 def check_writable_dir(path: str | Path, what: str = "output folder") -> Path:
     """Create the folder ``path`` (with its parents) and check that files can be written in it.
 
-    A probe file is created and removed. Raises ``ProstlabError`` naming the folder when ``path``
-    is an existing file, cannot be created, or is not writable.
+    A probe file is created and removed, and so are the temporary files that killed writers
+    left there (:func:`remove_stale_temporaries`). Raises ``ProstlabError`` naming the folder
+    when ``path`` is an existing file, cannot be created, or is not writable.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ProstlabError(f"{what} {path}: is an existing file; expected a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = _temporary_name(path / "probe")
+        probe = temporary_name(path / "probe")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
@@ -105,6 +160,7 @@ def check_writable_dir(path: str | Path, what: str = "output folder") -> Path:
         raise ProstlabError(
             f"{what} {path}: cannot write there ({reason}); expected a writable folder"
         ) from exc
+    remove_stale_temporaries(path)
     return path
 
 
@@ -225,9 +281,13 @@ def new_run_dir(parent: str | Path, name: str | None = None, what: str = "output
 
     When ``parent/name`` exists, ``name-2``, ``name-3``, ... are tried: each attempt is an
     exclusive ``mkdir``, so concurrent callers never share a folder. ``parent`` is created and
-    checked for writability first (:func:`check_writable_dir`).
+    checked for writability first (:func:`check_writable_dir`), and the temporary files that
+    killed runs left in its run folders are removed (:func:`remove_stale_temporaries`).
     """
     parent = check_writable_dir(parent, what)
+    for earlier in parent.iterdir():
+        if earlier.is_dir() and not earlier.is_symlink():
+            remove_stale_temporaries(earlier)
     name = check_run_name(name if name is not None else timestamp())
     for attempt in range(1, 10_000):
         folder = parent / (name if attempt == 1 else f"{name}-{attempt}")
@@ -254,7 +314,7 @@ def point_latest(parent: str | Path, run: str | Path) -> Path | None:
     link = parent / LATEST
     if link.exists() and not link.is_symlink():
         return None
-    tmp = _temporary_name(link)
+    tmp = temporary_name(link)
     try:
         os.symlink(Path(run).name, tmp, target_is_directory=True)
         os.replace(tmp, link)
@@ -277,6 +337,8 @@ __all__ = [
     "point_latest",
     "record_outputs",
     "remove_recorded",
+    "remove_stale_temporaries",
+    "temporary_name",
     "timestamp",
     "write_text",
 ]

@@ -13,7 +13,8 @@ have after step ``global_step``; ``last.ckpt`` is written, and the process exits
 A second Ctrl-C stops at once.
 
 ``last.ckpt`` is written to a temporary name and moved into place, so a kill during the write
-leaves the previous one intact. ``prostlab fit ... --ckpt_path last`` resumes from it.
+leaves the previous one intact (the next ``fit`` into the folder removes that temporary file).
+``prostlab fit ... --ckpt_path last`` resumes from it.
 
 A run that did not resume from the folder's ``last.ckpt`` (no ``--ckpt_path``, or another
 checkpoint) would replace it, and with it an earlier run's only resume point: at the start of
@@ -37,6 +38,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
 from prostlab.errors import ProstlabError
+from prostlab.outputs import remove_stale_temporaries, temporary_name
 
 LAST_NAME = "last.ckpt"
 MOVED_PREFIX = "last-step"
@@ -115,7 +117,7 @@ class LastCheckpoint(Callback):
         if self._saved_step == trainer.global_step:
             return
         path = self.resolve_dirpath(trainer) / LAST_NAME
-        temporary = path.with_name(f".{LAST_NAME}.partial")
+        temporary = temporary_name(path)
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(temporary, weights_only=False)  # all state, to resume
@@ -126,8 +128,8 @@ class LastCheckpoint(Callback):
     # -- when ---------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.resolve_dirpath(trainer)
+        if stage == "fit":  # a run killed while writing last.ckpt left its temporary file
+            remove_stale_temporaries(self.resolve_dirpath(trainer))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Nothing to save yet at step 0, nor at the step just resumed from this last.ckpt.
