@@ -326,6 +326,10 @@ def test_prepare_refuses_a_cube_in_which_the_bones_vanish(tmp_path, capsys):
         (["--device", "gpu"], "not a torch device"),
         (["--device", "meta"], "not supported"),
         (["--height", "200000", "--width", "200000"], "needs about"),
+        (["--height", "1"], "(--height, --width, or the config's camera): 1 x 20; expected at "
+                            "least 8 pixels a side"),
+        (["--pixel-spacing", "0.001", "12"], "(--pixel-spacing, or the config's camera): 0.001, "
+                                             "12 mm; expected at least 0.01 mm"),
     ],
 )
 def test_render_refuses_bad_values_before_rendering(tmp_path, capsys, extra, needle):
@@ -352,6 +356,27 @@ def test_render_refuses_a_cuda_index_past_the_device_count(tmp_path, capsys, mon
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert _render(tmp_path, tmp_path / "drr", "--device", "cuda:3") == 2
     assert "1 CUDA device" in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--size", "1"], "size (--size): 1; expected at least 8 voxels a side"),
+        (["--size", "16", "--side-mm", "0.001"], "(--side-mm 0.001 / --size 16): 6.25e-05 mm; "
+                                                 "expected at least 0.01 mm"),
+        (["--margin-mm", "-5"], "margin_mm (--margin-mm): -5; expected a finite margin >= 0"),
+        (["--margin-mm", "nan"], "margin_mm (--margin-mm): nan; expected a finite margin >= 0"),
+    ],
+)
+def test_prepare_refuses_a_cube_too_coarse_or_fine_to_hold_anatomy(tmp_path, capsys, extra,
+                                                                     needle):
+    """``--size 1`` and ``--side-mm 0.001`` were prepared without a word."""
+    ct, _ = _ct_nifti(tmp_path, labels=False)
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--ct", str(ct), "--out", str(out), *extra]) == 2
+    err = _error(capsys)
+    assert err.startswith("prostlab prepare: error:") and needle in err
+    assert not out.exists()
 
 
 def test_prepare_refuses_a_size_that_cannot_fit_in_memory(tmp_path, capsys):

@@ -157,6 +157,8 @@ def _refused(args: list[str], capsys) -> str:
         (["--search-depth-mm", "40"], "--search-depth-mm: .* expected --search too"),
         (["--init", "0", "0", "0", "1e9", "0", "0"], "--init: .* outside the beam"),
         (["--detector", "8", "8"], "--xray .*: \\d+ usable pixels .* expected at least 256"),
+        (["--detector", "4", "1000"], "detector rows x columns \\(--detector, .*\\): 4 x 1000; "
+                                      "expected at least 8 pixels a side"),
     ],
 )
 def test_register_refuses_bad_settings_in_one_line_and_writes_nothing(xray, tmp_path, capsys,

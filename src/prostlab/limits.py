@@ -1,5 +1,5 @@
-"""What the machine allows: torch devices that exist here, and memory estimated before a job
-allocates it.
+"""What the machine allows: torch devices that exist here, memory estimated before a job
+allocates it, and the coarsest grids and finest spacings a job is given.
 
 A job that would not fit is refused with its estimate and the limit, before it starts, rather
 than failing in the allocator (a traceback, or the out-of-memory killer) part-way through:
@@ -10,11 +10,16 @@ than failing in the allocator (a traceback, or the out-of-memory killer) part-wa
   Linux's ``MemAvailable`` and the control group's limit less its usage (where one is set); on a
   CUDA device the free memory ``torch.cuda.mem_get_info`` reports.
 * :func:`check_memory` compares an estimate with :func:`available_bytes`.
+* :func:`check_grid_side` and :func:`check_spacing_mm` refuse a detector or a cube below
+  :data:`MIN_GRID_SIDE` samples a side, and pixels or voxels finer than :data:`MIN_SPACING_MM`:
+  ``--size 1`` or ``--side-mm 0.001`` ran without a word and gave an image or a cube of nothing.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +27,18 @@ import torch
 from prostlab.errors import ProstlabError
 
 DEVICES = "cpu, cuda, cuda:N or mps"
+
+MIN_GRID_SIDE = 8
+"""Fewest samples along a side of a grid that a command builds: a detector's rows and columns
+(``render --height`` / ``--width`` or a config's camera, ``register --detector``) and a prepared
+cube's voxels per edge (``prepare --size``). The coarsest in use are 16 (the tests) and 64 (a
+registration detector); an image or a cube coarser than 8 shows no anatomy."""
+
+MIN_SPACING_MM = 0.01
+"""Finest pixel or voxel, mm: a detector's pixel (``render`` and ``register --pixel-spacing``, a
+config's camera) and a prepared cube's voxel (``prepare --side-mm`` over ``--size``). 10 um is
+finer than any X-ray detector's pixel (70 um and up) or CT's voxel (0.3 mm and up in the clinic,
+about 10 um in micro-CT): a finer one is a wrong unit or a slip of the keyboard."""
 
 
 def resolve_device(name: str | torch.device, what: str = "device") -> torch.device:
@@ -126,4 +143,37 @@ def check_memory(estimate: int, device: torch.device | str, what: str) -> None:
         )
 
 
-__all__ = ["available_bytes", "check_memory", "format_bytes", "resolve_device"]
+def check_grid_side(sides: Sequence[int], what: str, unit: str) -> None:
+    """Refuse a grid with fewer than :data:`MIN_GRID_SIDE` samples along any side.
+
+    ``sides`` are the grid's sizes (``(rows, columns)`` of a detector, ``(size,)`` of a cube),
+    ``what`` names the setting and its flags, ``unit`` the samples (``"pixels"``, ``"voxels"``).
+    """
+    if min(sides) < MIN_GRID_SIDE:
+        raise ProstlabError(
+            f"{what}: {' x '.join(str(side) for side in sides)}; expected at least "
+            f"{MIN_GRID_SIDE} {unit} a side (a coarser grid shows no anatomy)"
+        )
+
+
+def check_spacing_mm(spacing: Sequence[float], what: str) -> None:
+    """Refuse pixel or voxel sizes (mm) that are not finite or are finer than
+    :data:`MIN_SPACING_MM`; ``what`` names the setting and its flags."""
+    if not all(math.isfinite(value) and value >= MIN_SPACING_MM for value in spacing):
+        raise ProstlabError(
+            f"{what}: {', '.join(f'{value:.4g}' for value in spacing)} mm; expected at least "
+            f"{MIN_SPACING_MM:g} mm (finer than any X-ray detector's pixel or CT's voxel: a "
+            "wrong unit?)"
+        )
+
+
+__all__ = [
+    "MIN_GRID_SIDE",
+    "MIN_SPACING_MM",
+    "available_bytes",
+    "check_grid_side",
+    "check_memory",
+    "check_spacing_mm",
+    "format_bytes",
+    "resolve_device",
+]

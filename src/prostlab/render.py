@@ -5,7 +5,9 @@ vector in degrees (axis times angle, docs/geometry.md) and ``(tx, ty, tz)`` a tr
 
 Refused before rendering: a NIfTI volume with attenuation below :data:`MIN_MU` (it looks like a
 CT in Hounsfield units) or above :data:`MAX_MU` (a CT with a +1024 offset, an attenuation scaled
-to integers), a batch size below 1, a device this machine lacks
+to integers), a detector of fewer than :data:`~prostlab.limits.MIN_GRID_SIDE` pixels a side or
+of pixels finer than :data:`~prostlab.limits.MIN_SPACING_MM` (:func:`check_detector`), a batch
+size below 1, a device this machine lacks
 (:func:`prostlab.limits.resolve_device`), a job whose memory estimate
 (:func:`render_memory_bytes`) exceeds what is available, and a step that takes more than
 :data:`prostlab.projector.rays.MAX_SAMPLES_PER_RAY` samples per ray.
@@ -25,7 +27,7 @@ from prostlab.csv_table import csv_rows
 from prostlab.data import Volume, load_image, load_prepared
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera
-from prostlab.limits import check_memory, resolve_device
+from prostlab.limits import check_grid_side, check_memory, check_spacing_mm, resolve_device
 from prostlab.outputs import atomic_path, record_outputs
 from prostlab.projector import Projector
 from prostlab.projector.rays import check_samples_per_ray
@@ -125,6 +127,16 @@ def load_volume(path: str | Path, which: str = "ct") -> Volume:
     return Volume.from_array(array, affine)
 
 
+def check_detector(camera: Camera) -> None:
+    """Refuse a detector of fewer than :data:`~prostlab.limits.MIN_GRID_SIDE` pixels along a
+    side, or of pixels finer than :data:`~prostlab.limits.MIN_SPACING_MM`: ``--height 1`` or
+    ``--pixel-spacing 0.0001`` rendered an image of nothing without a word."""
+    check_grid_side((camera.height, camera.width),
+                    "detector rows x columns (--height, --width, or the config's camera)", "pixels")
+    check_spacing_mm(camera.pixel_spacing,
+                     "pixel_spacing (--pixel-spacing, or the config's camera)")
+
+
 def render_memory_bytes(
     n_poses: int, batch_size: int, channels: int, pixels: int
 ) -> tuple[int, int]:
@@ -154,9 +166,11 @@ def render_poses(
 ) -> np.ndarray:
     """DRRs (N, C, H, W) of ``volume`` at ``poses`` (N, 6), rendered ``batch_size`` at a time.
 
-    The batch size, the device, the memory the job needs and the samples per ray are checked
-    before anything is rendered (see the module docstring); each refusal is a ``ProstlabError``.
+    The detector, the batch size, the device, the memory the job needs and the samples per ray
+    are checked before anything is rendered (see the module docstring); each refusal is a
+    ``ProstlabError``.
     """
+    check_detector(camera)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ProstlabError(f"batch_size: {batch_size!r}; expected a positive number of poses "
                             "rendered at once")

@@ -15,8 +15,9 @@
 6. write ``ct_mu.nii.gz``, ``bone_mu.nii.gz``, ``labels.nii.gz`` and ``meta.json``, each under a
    temporary name moved into place (:mod:`prostlab.outputs`).
 
-Before any work the inputs are checked: ``mu_water`` (finite, positive), the memory the cube
-needs (:mod:`prostlab.limits`), and the output folder (new or empty unless ``overwrite``,
+Before any work the inputs are checked: ``mu_water`` (finite, positive), the cube's size,
+voxel and margin (:func:`check_cube_settings`), the memory the cube needs
+(:mod:`prostlab.limits`), and the output folder (new or empty unless ``overwrite``,
 writable, and not where an output would replace an input file). After reading, a CT with voxels
 coarser than :data:`MAX_SOURCE_SPACING_MM` is refused, and so is a cube in which the selected
 bones vanish.
@@ -31,6 +32,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +61,7 @@ from prostlab.data.orientation import (
 from prostlab.data.resample import cube_grid, resample_linear, resample_nearest
 from prostlab.data.volume import Volume, spacing_of
 from prostlab.errors import ProstlabError
-from prostlab.limits import check_memory
+from prostlab.limits import check_grid_side, check_memory, check_spacing_mm
 from prostlab.outputs import atomic_path, output_folder, record_outputs, write_text
 
 CT_FILE = "ct_mu.nii.gz"
@@ -209,8 +211,7 @@ def prepare_ct(
     if labels_path is None:
         bone_threshold = bone_threshold or BoneThreshold()
     check_mu_water(mu_water)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ProstlabError(f"size: {size!r}; expected a positive whole number of voxels")
+    check_cube_settings(size, side_mm, margin_mm)
     check_memory(prepare_memory_bytes(size), "cpu", f"size {size}: a {size}^3 cube")
     check_outputs_are_not_inputs(out_dir, ct_path, labels_path, structures_csv)
     with output_folder(out_dir, overwrite, "output folder") as out:
@@ -219,6 +220,22 @@ def prepare_ct(
                            bone_threshold)
         record_outputs(out, "prepare", list(written.values()), overwrite)
     return written
+
+
+def check_cube_settings(size: object, side_mm: float | None, margin_mm: float) -> None:
+    """Refuse a cube that cannot hold anatomy: ``size`` not a whole number or below
+    :data:`~prostlab.limits.MIN_GRID_SIDE` voxels, a given ``side_mm`` whose voxels
+    (``side_mm / size``) are finer than :data:`~prostlab.limits.MIN_SPACING_MM`, or a margin that
+    is negative or not finite (a smaller cube is ``side_mm``'s job)."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ProstlabError(f"size: {size!r}; expected a whole number of voxels")
+    check_grid_side((size,), "size (--size)", "voxels")
+    if side_mm is not None:
+        check_spacing_mm((side_mm / size,),
+                         f"the cube's voxel, side_mm / size (--side-mm {side_mm:g} / --size {size})")
+    if not (math.isfinite(margin_mm) and margin_mm >= 0):
+        raise ProstlabError(f"margin_mm (--margin-mm): {margin_mm:g}; expected a finite margin "
+                            ">= 0 mm (for a smaller cube, give side_mm, --side-mm)")
 
 
 def check_outputs_are_not_inputs(

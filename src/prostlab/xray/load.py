@@ -28,6 +28,7 @@ from torch import Tensor
 
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera
+from prostlab.limits import MIN_SPACING_MM
 from prostlab.xray.dicom_xray import is_dicom, read_dicom_xray
 from prostlab.xray.image_file import IMAGE_SUFFIXES, image_format, read_image_file
 from prostlab.xray.preprocess import (
@@ -54,9 +55,10 @@ SDD_RANGE_MM = (100.0, 3000.0)
 """Plausible source-to-detector distances: C-arms sit near 1000 mm, radiography stands up to
 1800 mm (a chest film); a value outside is a wrong unit (cm, m) or a broken header."""
 
-PIXEL_SPACING_RANGE_MM = (0.01, 10.0)
+PIXEL_SPACING_RANGE_MM = (MIN_SPACING_MM, 10.0)
 """Plausible detector pixel sizes: flat panels have 0.07-0.2 mm pixels, binned modes up to
-about 1 mm; outside is a wrong unit or a broken header."""
+about 1 mm; outside is a wrong unit or a broken header. The lower bound is every command's
+(:data:`prostlab.limits.MIN_SPACING_MM`)."""
 
 MAX_FIELD_MM = 1000.0
 """The largest plausible detector side (rows x row spacing, columns x column spacing): the

@@ -46,6 +46,7 @@ from prostlab.geometry import (
     pose_to_matrix,
     so3_exp,
 )
+from prostlab.limits import check_grid_side
 from prostlab.projector import Projector
 from prostlab.registration import Schedule, as_schedule, register
 from prostlab.registration.search import SearchSpace, coarse_search
@@ -310,6 +311,8 @@ def prepare_problem(settings: RegisterSettings) -> Problem:
                       trained and (trained.height, trained.width),
                       ("height" in defaults and (defaults["height"], defaults["width"])) or None,
                       DEFAULT_DETECTOR)
+    check_grid_side(tuple(detector), "detector rows x columns (--detector, or the checkpoint's "
+                    "or the config's camera)", "pixels")
     step = float(_first(settings.step, saved.get("step"), defaults.get("step"), DEFAULT_STEP_MM))
     downsample = int(_first(settings.downsample, defaults.get("downsample"), 1))
     if downsample < 1:
