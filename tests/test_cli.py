@@ -552,3 +552,24 @@ def test_render_and_register_take_one_pixel_spacing_or_two(tmp_path, capsys):
     rectangular = np.load(tmp_path / "drr" / "drrs.npy")
     assert _render(tmp_path, tmp_path / "drr", "--overwrite") == 0  # SMALL's 12 mm square pixels
     assert not np.allclose(rectangular, np.load(tmp_path / "drr" / "drrs.npy"))
+
+
+def test_render_refuses_poses_outside_the_beam_and_names_blank_drrs(tmp_path, capsys):
+    """A pose 1e9 mm away rendered a blank image without a word. A centre outside the beam is
+    refused as ``register --init`` is; a centre in the beam whose volume misses the detector
+    gives a blank DRR: refused when every DRR is, named in a warning otherwise."""
+    out = tmp_path / "drr"
+    assert _render(tmp_path, out, "--pose", "0", "0", "0", "1e9", "0", "0") == 2
+    assert ("--pose: translation (1e+09, 0, 0) mm puts the volume's centre outside the beam"
+            in _error(capsys))
+    table = tmp_path / "poses.csv"
+    table.write_text("rx_deg,ry_deg,rz_deg,tx_mm,ty_mm,tz_mm\n0,0,0,0,0,0\n0,0,0,0,0,1e9\n")
+    assert _render(tmp_path, out, "--poses", str(table)) == 2
+    assert f"{table}: pose 2: translation (0, 0, 1e+09) mm" in _error(capsys)
+    beside = ["--pose", "0", "0", "0", "200", "0", "0"]  # in the 240 mm wide beam, 329 mm off
+    assert _render(tmp_path, out, *beside) == 2
+    assert "--pose: every DRR is blank (1 of 1)" in _error(capsys)
+    assert not out.exists()
+    assert _render(tmp_path, out, "--pose", *["0"] * 6, *beside) == 0
+    assert ("prostlab render: WARNING: --pose 2: blank DRR (drr_001.png; 1 of 2)"
+            in capsys.readouterr().err)

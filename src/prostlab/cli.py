@@ -73,6 +73,7 @@ def _render_into(out: Path, args: argparse.Namespace) -> None:
     from prostlab.render import (
         PROST_PELVIS_CAMERA,
         camera_from_config,
+        check_not_blank,
         load_volume,
         poses_from_degrees,
         read_pose_csv,
@@ -82,9 +83,9 @@ def _render_into(out: Path, args: argparse.Namespace) -> None:
 
     volume = load_volume(args.volume or example_path(), which=args.which)
     if args.poses:
-        poses = read_pose_csv(args.poses)
+        poses, what = read_pose_csv(args.poses), f"{args.poses}: pose"
     else:
-        poses = poses_from_degrees(args.pose or [[0.0] * 6])
+        poses, what = poses_from_degrees(args.pose or [[0.0] * 6]), "--pose"
     camera = camera_from_config(args.config) if args.config else PROST_PELVIS_CAMERA
     overrides = {
         k: getattr(args, k)
@@ -105,7 +106,11 @@ def _render_into(out: Path, args: argparse.Namespace) -> None:
             args.device,
             args.batch_size,
             lambda n: progress.advance(task, n),
+            what,
         )
+    warning = check_not_blank(images, what)
+    if warning:
+        print(f"prostlab render: WARNING: {warning}", file=sys.stderr)
     np_path = write_drrs(out, images, poses, args.colorbar, args.overwrite)
     print(
         f"wrote {len(images)} DRR(s) of {camera.height}x{camera.width} to {out}/ "

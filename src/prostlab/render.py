@@ -6,11 +6,14 @@ vector in degrees (axis times angle, docs/geometry.md) and ``(tx, ty, tz)`` a tr
 Refused before rendering: a NIfTI volume with attenuation below :data:`MIN_MU` (it looks like a
 CT in Hounsfield units) or above :data:`MAX_MU` (a CT with a +1024 offset, an attenuation scaled
 to integers), a detector of fewer than :data:`~prostlab.limits.MIN_GRID_SIDE` pixels a side or
-of pixels finer than :data:`~prostlab.limits.MIN_SPACING_MM` (:func:`check_detector`), a batch
-size below 1, a device this machine lacks
+of pixels finer than :data:`~prostlab.limits.MIN_SPACING_MM` (:func:`check_detector`), a pose
+that puts the volume's centre outside the beam (:func:`~prostlab.geometry.check_pose_in_beam`,
+as ``register --init``), a batch size below 1, a device this machine lacks
 (:func:`prostlab.limits.resolve_device`), a job whose memory estimate
 (:func:`render_memory_bytes`) exceeds what is available, and a step that takes more than
-:data:`prostlab.projector.rays.MAX_SAMPLES_PER_RAY` samples per ray.
+:data:`prostlab.projector.rays.MAX_SAMPLES_PER_RAY` samples per ray. After rendering, before
+anything is written, :func:`check_not_blank` refuses a job whose every DRR is blank and names
+the poses whose DRR is.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from omegaconf import OmegaConf
 from prostlab.csv_table import csv_rows
 from prostlab.data import Volume, load_image, load_prepared
 from prostlab.errors import ProstlabError
-from prostlab.geometry import Camera
+from prostlab.geometry import Camera, check_pose_in_beam
 from prostlab.limits import check_grid_side, check_memory, check_spacing_mm, resolve_device
 from prostlab.outputs import atomic_path, record_outputs
 from prostlab.projector import Projector
@@ -163,14 +166,17 @@ def render_poses(
     device: str = "cpu",
     batch_size: int = 8,
     progress=None,
+    what: str = "pose",
 ) -> np.ndarray:
     """DRRs (N, C, H, W) of ``volume`` at ``poses`` (N, 6), rendered ``batch_size`` at a time.
 
-    The detector, the batch size, the device, the memory the job needs and the samples per ray
-    are checked before anything is rendered (see the module docstring); each refusal is a
-    ``ProstlabError``.
+    The detector, the poses, the batch size, the device, the memory the job needs and the
+    samples per ray are checked before anything is rendered (see the module docstring); each
+    refusal is a ``ProstlabError``, and one of a pose starts with ``what`` (the flag or file
+    that gave the poses) and its number.
     """
     check_detector(camera)
+    check_pose_in_beam(poses, camera, what)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ProstlabError(f"batch_size: {batch_size!r}; expected a positive number of poses "
                             "rendered at once")
@@ -194,6 +200,26 @@ def render_poses(
             if progress is not None:
                 progress(len(batch))
     return torch.cat(images).numpy()
+
+
+def check_not_blank(images: np.ndarray, what: str = "pose") -> str | None:
+    """Refuse DRRs ``(N, C, H, W)`` that are all blank (no positive pixel: no ray crossed the
+    volume), and return a warning naming the blank ones when only some are (``None`` when none
+    is). A pose whose centre is in the beam can still project the volume beside the detector; a
+    sweep may do so on purpose, a list that never shows the volume cannot. ``what`` names the
+    poses' source, as in :func:`render_poses`."""
+    blank = np.flatnonzero(images.reshape(len(images), -1).max(axis=1) <= 0).tolist()
+    if not blank:
+        return None
+    beside = f"the volume projects beside the {images.shape[-2]} x {images.shape[-1]} detector"
+    if len(blank) == len(images):
+        raise ProstlabError(f"{what}: every DRR is blank ({len(blank)} of {len(images)}), "
+                            f"{beside}; expected a pose that puts it in view (smaller "
+                            "translations across the beam, tx and ty in mm)")
+    numbers = ", ".join(str(i + 1) for i in blank)
+    files = ", ".join(f"drr_{i:03d}.png" for i in blank)
+    return (f"{what} {numbers}: blank DRR ({files}; {len(blank)} of {len(images)}), {beside}; "
+            "check the translations (tx, ty in mm) if a view of the volume was meant")
 
 
 def write_drrs(
