@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install prostlab as a user would, from a wheel, and run it from outside the source tree:
 # build the wheel, install it in a fresh virtual environment with the CPU build of torch, then
-# run `prostlab --version`, `prostlab render` of the bundled example, a 2-case `prostlab test`
+# run `prostlab --version`, `prostlab render` of the bundled example (and the README's render
+# with a shipped config's camera), a 2-case `prostlab test`
 # with the shipped tiny config and one with the cpu config and the shipped checkpoint. Everything happens in a temporary folder, removed at the end.
 #
 #   bash scripts/wheel_smoke.sh            # PYTHON=python3 TORCH_SPEC=torch==2.13.0 by default
@@ -58,6 +59,11 @@ case "$location" in "$work/venv/"*) ;; *) echo "prostlab imported from $location
 step "prostlab render (bundled example, default camera)"
 "$prostlab" render --pose 0 0 0 0 0 0 --pose 0 0 90 0 0 0 --out drr
 test -s drr/drr_000.png && test -s drr/drr_001.png && test -s drr/drrs.npy
+
+step "prostlab render --poses poses.csv --config pelvis (the README's example)"
+printf 'rx_deg,ry_deg,rz_deg,tx_mm,ty_mm,tz_mm\n0,0,0,0,0,0\n0,0,30,0,0,20\n' > poses.csv
+"$prostlab" render --poses poses.csv --config pelvis --out drr_pelvis
+test -s drr_pelvis/drr_001.png
 
 step "prostlab test --config tiny (2 cases, the shipped presets)"
 "$prostlab" test --config tiny --data.test_samples 2 --data.batch_size 2 \

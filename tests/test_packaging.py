@@ -78,6 +78,29 @@ def test_config_names_resolve_to_the_shipped_files(tmp_path, monkeypatch):
         _shipped_configs(["fit", "--config", "tinny"])
 
 
+def test_the_readme_names_configs_and_checkpoints_found_from_any_folder(tmp_path, monkeypatch):
+    """The README's ``render --poses poses.csv --config configs/pelvis.yaml`` failed outside the
+    checkout: every ``--config`` and ``--ckpt_path`` its commands give must be found from
+    another folder, as a shipped name."""
+    import re
+
+    from prostlab.resources import resolve_checkpoint, resolve_config
+
+    readme = (REPO / "README.md").read_text()
+
+    def values(flag: str) -> list[str]:  # not placeholders (CONFIG) nor Lightning's last, best
+        return [value for value in re.findall(rf"{flag}[ =]([\w./-]+)", readme)
+                if not value.isupper() and value not in ("last", "best")]
+
+    configs, checkpoints = values("--config"), values("--ckpt_path")
+    assert "pelvis" in configs and checkpoints
+    monkeypatch.chdir(tmp_path)
+    for value in configs:
+        assert Path(resolve_config(value)).is_file(), f"--config {value}"
+    for value in checkpoints:
+        assert Path(resolve_checkpoint(value)).is_file(), f"--ckpt_path {value}"
+
+
 def test_an_unknown_config_name_is_a_one_line_error(capsys):
     assert main(["test", "--config", "tinny"]) == 2
     test_err = capsys.readouterr().err.strip()
