@@ -65,13 +65,15 @@ printf 'rx_deg,ry_deg,rz_deg,tx_mm,ty_mm,tz_mm\n0,0,0,0,0,0\n0,0,30,0,0,20\n' > 
 "$prostlab" render --poses poses.csv --config pelvis --out drr_pelvis
 test -s drr_pelvis/drr_001.png
 
-step "prostlab test --config tiny (2 cases, the shipped presets)"
+step "prostlab test --config tiny (2 cases, the shipped presets of the image similarities)"
 "$prostlab" test --config tiny --data.test_samples 2 --data.batch_size 2 \
+    --model.benchmark.methods '{"gradncc": "gradncc", "ncc": "ncc"}' \
+    --model.benchmark.max_iterations 12 \
     --trainer.enable_progress_bar false
 cases="$(find results -name cases.csv | head -n 1)"
 test -n "$cases" || { echo "prostlab test wrote no cases.csv under $PWD/results" >&2; exit 1; }
 rows=$(($(wc -l <"$cases") - 1))
-step "cases.csv has $rows rows (2 cases x the config's methods)"
+step "cases.csv has $rows rows (2 cases x 2 methods)"
 test "$rows" -ge 2
 
 for ckpt in "$repo"/checkpoints/*.ckpt; do

@@ -93,10 +93,11 @@ def test_one_and_two_processes_give_the_same_table(trained, tmp_path):
         assert a == b
 
 
-def test_two_runs_write_the_same_cases(tmp_path):
+def test_two_runs_write_the_same_cases(trained, tmp_path):
     """Issue 22: two runs, same seed, same thread count (2), cpu backend: cases.csv byte for byte
     (less its wall-time column), and summary.json says what decides it."""
-    quick = ["test", "--config", str(TINY), "--model.backend", "cpu", "--data.test_samples", "3",
+    quick = ["test", "--config", str(TINY), "--ckpt_path", str(trained[1]),
+             "--model.backend", "cpu", "--data.test_samples", "3",
              "--model.benchmark.gif_case", "null", "--model.benchmark.overlays", "0"]
     runs = []
     for name in ("first", "second"):
@@ -113,9 +114,10 @@ def test_two_runs_write_the_same_cases(tmp_path):
     assert facts["versions"]["torch"] == torch.__version__
 
 
-def test_runs_into_one_output_dir_keep_their_own_folders(tmp_path):
+def test_runs_into_one_output_dir_keep_their_own_folders(trained, tmp_path):
     """Two runs at once, then a third: three folders, each complete, and latest at the newest."""
-    quick = ["test", "--config", str(TINY), "--data.test_samples", "2",
+    quick = ["test", "--config", str(TINY), "--ckpt_path", str(trained[1]),
+             "--data.test_samples", "2",
              "--model.benchmark.max_iterations", "3", "--model.benchmark.gif_case", "null"]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     runs = [subprocess.Popen([sys.executable, "-m", "prostlab.cli", *quick], cwd=tmp_path, env=env,
@@ -138,10 +140,10 @@ def test_runs_into_one_output_dir_keep_their_own_folders(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["file", "below_file"])
-def test_unwritable_output_dir_is_refused_before_registering(tmp_path, where):
+def test_unwritable_output_dir_is_refused_before_registering(trained, tmp_path, where):
     (tmp_path / "taken").write_text("a file, not a folder")
     output_dir = "taken" if where == "file" else "taken/results"
-    done = prostlab(tmp_path, "test", "--config", str(TINY),
+    done = prostlab(tmp_path, "test", "--config", str(TINY), "--ckpt_path", str(trained[1]),
                     "--model.benchmark.output_dir", output_dir)
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]

@@ -163,6 +163,7 @@ def test_prostlab_test_renders_fine_blurred_noisy_targets_and_reports_capture(tm
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     args = ["test", "--config", str(tiny), "--data.test_samples", "2",
+            "--model.benchmark.methods", "{gradncc: gradncc}",  # no network: no checkpoint
             "--model.benchmark.max_iterations", "3", "--model.benchmark.gif_case", "null",
             # One flag for the mapping: a second --model.benchmark.target.KEY would replace it.
             "--model.benchmark.target", "{volume: fine, step_mm: 4, blur_mm: 10, photons: 1e5}",

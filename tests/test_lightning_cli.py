@@ -132,6 +132,39 @@ def tiny_model_checkpoint(path, **hyper_parameters) -> None:
                 "hyper_parameters": {**model.hparams, **hyper_parameters}}, path)
 
 
+def test_test_of_an_untrained_network_is_refused(tmp_path, capsys):
+    line = refusal(capsys, "test")  # the tiny config's methods: gradncc, net_gradncc
+    assert "model.benchmark.methods ['net_gradncc']: a 'net' stage needs the trained" in line
+    assert "--ckpt_path" in line and "drop ['net_gradncc']" in line
+    assert not (tmp_path / "results").exists()
+
+
+def test_trainer_test_from_python_refuses_an_untrained_network():
+    from prostlab.data import PoseDataModule
+    from prostlab.errors import ProstlabError
+
+    config = yaml.safe_load(TINY.read_text())
+    module = ConvexSimilarityModule(**config["model"])
+    data = PoseDataModule(camera=config["model"]["camera"], **config["data"])
+    trainer = pl.Trainer(logger=False, accelerator="cpu", inference_mode=False,
+                         enable_progress_bar=False)
+    with pytest.raises(ProstlabError, match=r"\['net_gradncc'\]: a 'net' stage needs"):
+        trainer.test(module, datamodule=data)
+
+
+@pytest.mark.parametrize("weights", ["none, image similarities only", "model.init_weights"])
+def test_test_runs_without_a_checkpoint_when_no_method_needs_one(tmp_path, capsys, weights):
+    args = ["--model.benchmark.methods", "{gradncc: gradncc}"]
+    if weights == "model.init_weights":
+        tiny_model_checkpoint(tmp_path / "start.ckpt")
+        args = ["--model.init_weights", str(tmp_path / "start.ckpt")]
+    code = main(["test", "--config", str(TINY), *QUICK, *args, "--data.test_samples", "2",
+                 "--model.benchmark.max_iterations", "2", "--model.benchmark.gif_case", "null",
+                 "--model.benchmark.overlays", "0"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert (tmp_path / "results" / "tiny" / "latest" / "cases.csv").is_file()
+
+
 def test_the_configs_model_section_is_kept_over_the_checkpoints(tmp_path):
     path = tmp_path / "other.ckpt"
     tiny_model_checkpoint(path, step=99.0, image_every_n_steps=7)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 
 from prostlab.benchmark.capture import (
     DEFAULT_BINS_MM,
@@ -221,6 +220,7 @@ class BenchmarkLoop:
     def on_test_epoch_start(self) -> None:
         self.bench = BenchmarkConfig.from_config(self.hparams.benchmark)
         self.bench_schedules = self.bench.schedules()
+        check_trained_network(self, self.trainer.ckpt_path)  # trainer.test() from Python too
         # Before the first registration: an unwritable output_dir is refused now, not after the
         # benchmark. Every process checks (so all stop together); the first one takes the folder.
         what = "model.benchmark.output_dir"
@@ -233,9 +233,6 @@ class BenchmarkLoop:
             check_fitted_camera(self.camera, camera)
         if self.bench.target_config.volume == "fine":
             self.volumes.keep_fine(datamodule.full_resolution_cts(datamodule.split["test"]))
-        if any("net" in [s.similarity for s in sch.stages] for sch in self.bench_schedules.values()):
-            if self.trainer.ckpt_path is None:
-                rank_zero_warn("test: no --ckpt_path; the 'net' methods use an untrained network")
         self.bench_rows: list[dict[str, Any]] = []
         self.bench_outcomes: list[CaseOutcome] = []
 
@@ -289,6 +286,27 @@ class BenchmarkLoop:
         write_benchmark(self, rows, outcomes)
 
 
+def check_trained_network(module, ckpt_path: str | None) -> None:
+    """Refuse to benchmark a method with a ``net`` stage when ``module`` has no trained weights:
+    no ``ckpt_path`` and no ``model.init_weights``.
+
+    An untrained network's similarity is noise, so its methods' rows would look like a result
+    and mean nothing; ``prostlab register`` refuses it likewise. Methods of image similarities
+    alone need no weights.
+    """
+    if ckpt_path is not None or module.hparams.get("init_weights") is not None:
+        return
+    schedules = BenchmarkConfig.from_config(module.hparams.benchmark).schedules()
+    network = [name for name, schedule in schedules.items()
+               if any(stage.similarity == "net" for stage in schedule.stages)]
+    if network:
+        raise ProstlabError(
+            f"model.benchmark.methods {network}: a 'net' stage needs the trained network, and "
+            "none was loaded; expected --ckpt_path (or model.init_weights), or methods without a "
+            f"'net' stage (drop {network})"
+        )
+
+
 def _gathered(items: list) -> list:
     """Every process's items (all of them on every process)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -298,4 +316,5 @@ def _gathered(items: list) -> list:
     return [item for part in everyone for item in part]
 
 
-__all__ = ["BenchmarkConfig", "BenchmarkLoop", "CaseOutcome", "case_rows"]
+__all__ = ["BenchmarkConfig", "BenchmarkLoop", "CaseOutcome", "case_rows",
+           "check_trained_network"]

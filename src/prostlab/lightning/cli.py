@@ -29,6 +29,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from prostlab.data import PoseDataModule
 from prostlab.errors import ProstlabError
+from prostlab.lightning.benchmark import check_trained_network
 from prostlab.lightning.checkpoint import check_compatible, read_checkpoint
 from prostlab.lightning.last_checkpoint import MOVED_PREFIX, LastCheckpoint
 from prostlab.lightning.training import ConvexSimilarityModule
@@ -110,6 +111,8 @@ class _ProstlabCLI(LightningCLI):
       before a run) and ``last`` without a ``last.ckpt`` are refused in one line.
     - ``fit`` that would train no step (``max_epochs`` 0, or a resumed checkpoint already at
       ``max_steps``) is refused: Lightning would exit 0 and write nothing.
+    - ``test`` of a method with a ``net`` stage without trained weights (no ``--ckpt_path``, no
+      ``model.init_weights``) is refused, as ``prostlab register`` refuses it.
     - ``data.camera`` is ``model.camera``, linked: real X-rays are fitted to the model's detector.
     """
 
@@ -206,7 +209,11 @@ class _ProstlabCLI(LightningCLI):
         _check_something_to_train(self.trainer, checkpoint,
                                   self.config_init[self.subcommand].get("ckpt_path"))
 
-    before_validate = before_test = _check_checkpoint
+    def before_test(self) -> None:
+        self._check_checkpoint()
+        check_trained_network(self.model, self.config_init[self.subcommand].get("ckpt_path"))
+
+    before_validate = _check_checkpoint
 
 
 def _prostlab_error_in(exc: BaseException) -> ProstlabError | None:
