@@ -15,6 +15,7 @@ from prostlab.outputs import (
     MANIFEST,
     atomic_path,
     check_writable_dir,
+    claim_latest,
     fresh_output_dir,
     new_run_dir,
     point_latest,
@@ -132,10 +133,33 @@ def test_run_folders_are_new_and_latest_points_at_the_newest(tmp_path):
     assert stamped.name[:2] == "20" and stamped.is_dir()
 
 
+def test_a_run_claims_latest_only_while_it_points_there(tmp_path, monkeypatch):
+    """Two runs of one run_name at once: B replaces latest just after A's update. A names its own
+    folder and says latest is B's; before, A's output said latest was its own."""
+    import prostlab.outputs
+
+    a, b = new_run_dir(tmp_path, "same"), new_run_dir(tmp_path, "same")
+
+    def b_finishes_meanwhile(parent, run):
+        link = point_latest(parent, run)
+        point_latest(parent, b)
+        return link
+
+    monkeypatch.setattr(prostlab.outputs, "point_latest", b_finishes_meanwhile)
+    said = claim_latest(tmp_path, a)
+    assert said.startswith(f"{a}/ (") and "also" not in said
+    assert f"{tmp_path / 'latest'} is not this run" in said and "now same-2/" in said
+    monkeypatch.undo()
+    assert claim_latest(tmp_path, b) == f"{b}/ (also {tmp_path / 'latest'}/)"
+    assert os.readlink(tmp_path / "latest") == "same-2"
+
+
 def test_latest_that_is_a_real_folder_is_never_replaced(tmp_path):
     (tmp_path / "latest").mkdir()
     (tmp_path / "latest" / "keep.txt").write_text("mine")
-    assert point_latest(tmp_path, new_run_dir(tmp_path, "run")) is None
+    run = new_run_dir(tmp_path, "run")
+    assert point_latest(tmp_path, run) is None
+    assert claim_latest(tmp_path, run) == f"{run}/"
     assert (tmp_path / "latest" / "keep.txt").read_text() == "mine"
 
 

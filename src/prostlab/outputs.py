@@ -21,7 +21,8 @@ Every command that writes results uses these helpers:
 * :func:`new_run_dir` and :func:`point_latest` give each ``prostlab test`` run its own folder
   ``<parent>/<name>`` (``<name>-2``, ``<name>-3``, ... when taken; created with an exclusive
   ``mkdir``, so two runs started at once get two folders) and a ``<parent>/latest`` symbolic
-  link to the newest one.
+  link to the newest one, replaced atomically; :func:`claim_latest` says whether it is still a
+  run's after the update.
 
 Errors are :class:`~prostlab.errors.ProstlabError` naming the folder or file.
 """
@@ -325,11 +326,33 @@ def point_latest(parent: str | Path, run: str | Path) -> Path | None:
     return link
 
 
+def claim_latest(parent: str | Path, run: str | Path) -> str:
+    """Point ``parent/latest`` at the run folder ``run`` and say where its results are.
+
+    ``run/``, followed by ``(also parent/latest/)`` only when the link points at ``run`` after
+    the update: a run that finished a moment later (two runs of one ``run_name`` at once) may
+    have replaced it in between, and then the text names the run the link is now, instead of
+    claiming it. The link is unchanged and unnamed when :func:`point_latest` cannot make it.
+    """
+    run = Path(run)
+    link = point_latest(parent, run)
+    if link is None:
+        return f"{run}/"
+    try:
+        now = os.readlink(link)
+    except OSError:  # removed meanwhile
+        now = None
+    if now == run.name:
+        return f"{run}/ (also {link}/)"
+    return f"{run}/ ({link} is not this run: another run replaced it since, now {now}/)"
+
+
 __all__ = [
     "LATEST",
     "MANIFEST",
     "atomic_path",
     "check_run_name",
+    "claim_latest",
     "check_writable_dir",
     "fresh_output_dir",
     "new_run_dir",

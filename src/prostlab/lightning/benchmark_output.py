@@ -17,7 +17,7 @@ from prostlab.benchmark import (
 )
 from prostlab.data import deepfluoro
 from prostlab.data.patients import source_name
-from prostlab.outputs import point_latest
+from prostlab.outputs import claim_latest
 from prostlab.reproducibility import reproducibility_facts
 from prostlab.viz.report import (
     plot_mtre_cdf,
@@ -65,7 +65,8 @@ def _patient_names(module) -> dict[int, str]:
 def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
     """Write ``cases.csv``, ``summary.json/.md``, figures and a GIF into the run's folder
     ``module.bench_folder`` (made by the test loop's start), then point ``output_dir/latest`` at
-    it. Each file is written under a temporary name and moved into place."""
+    it (:func:`~prostlab.outputs.claim_latest`: it is named as this run's only if no concurrent
+    run replaced it). Each file is written under a temporary name and moved into place."""
     config = module.bench
     folder = Path(module.bench_folder)
     threshold = module.hparams.success_threshold_mm
@@ -116,9 +117,7 @@ def write_benchmark(module, rows: list[dict[str, Any]], outcomes: list) -> None:
                   [(_CAPTIONS[name], Path(path).name) for name, path in figures.items()],
                   patients)
     table = markdown_table(summary)
-    latest = point_latest(config.output_dir, folder)
-    also = f" (also {latest}/)" if latest is not None else ""
-    print(f"\n{table}\nresults and figures: {folder}/{also}")
+    print(f"\n{table}\nresults and figures: {claim_latest(config.output_dir, folder)}")
     logger = module.logger
     if isinstance(logger, WandbLogger):
         columns = list(rows[0]) if rows else []
