@@ -342,6 +342,17 @@ def test_make_objective_net_errors(case):
         NetObjective(nn.Identity(), bone, spacing, target)
 
 
+@pytest.mark.parametrize("argument", ["bone_volume", "target", "pose"])
+def test_a_meta_tensor_is_refused_naming_the_argument(case, argument):
+    """A meta tensor has no data; torch raised a device mismatch or 'Tensor.item() cannot be
+    called on meta tensors' from inside the network."""
+    projector, _, bone, spacing, gt, target = case
+    given = {"bone_volume": bone, "target": target, "pose": gt}
+    given[argument] = given[argument].to("meta")
+    with pytest.raises(ProstlabError, match=rf"^{argument}: expected a tensor on a real device"):
+        _net(projector)(spacing=spacing, **given)
+
+
 # ---------------------------------------------------------------------------- training loss
 
 

@@ -253,6 +253,21 @@ def test_bad_spacing_step_and_backend():
         Projector(small_camera(), backend="opencl")
 
 
+@pytest.mark.parametrize("argument", ["volume", "pose", "extrinsics"])
+def test_a_meta_tensor_is_refused_naming_the_argument(argument):
+    """A meta tensor has no data; torch raised 'Tensor.item() cannot be called on meta tensors'
+    or a device mismatch from deep inside, naming no argument."""
+    projector = Projector(small_camera(), step=1.0, backend="torch")
+    given = {"volume": torch.zeros(1, 1, 4, 4, 4), "pose": torch.zeros(1, 6)}
+    given["extrinsics"] = projector.camera.extrinsics(given["pose"])
+    given[argument] = given[argument].to("meta")
+    with pytest.raises(ProstlabError, match=rf"^{argument}: expected a tensor on a real device"):
+        if argument == "extrinsics":
+            projector.render(given["volume"], (1.0, 1.0, 1.0), given["extrinsics"])
+        else:
+            projector(given["volume"], (1.0, 1.0, 1.0), given["pose"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_cupy_backend_without_cuda_says_so():
     projector = Projector(small_camera(), step=1.0, backend="cupy")

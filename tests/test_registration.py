@@ -327,6 +327,19 @@ def test_engine_input_errors():
         )
 
 
+@pytest.mark.parametrize("argument", ["target", "initial_poses", "ct", "mask"])
+def test_register_refuses_a_meta_tensor_naming_the_argument(argument):
+    """A meta tensor has no data; torch raised a device mismatch or 'Tensor.item() cannot be
+    called on meta tensors' from inside the engine."""
+    camera = Camera(sdd=1020.0, sid=620.0, height=16, width=16, pixel_spacing=(20.0, 20.0))
+    given = {"target": torch.zeros(2, 1, 16, 16), "initial_poses": torch.zeros(2, 6),
+             "ct": torch.zeros(1, 1, 8, 8, 8), "mask": torch.ones(2, 1, 16, 16)}
+    given[argument] = given[argument].to("meta")
+    with pytest.raises(ProstlabError, match=rf"^{argument}: expected a tensor on a real device"):
+        register(schedule="gradncc", projector=Projector(camera, step=10.0, backend="torch"),
+                 spacing=(10, 10, 10), **given)
+
+
 # ----------------------------------------------------------------------------- evidence
 #
 # Registration of the bundled chest CT with gradient-NCC alone (the `gradncc` preset), ten cases

@@ -175,6 +175,18 @@ def test_ncc_bad_input():
         gradient_ncc(torch.rand(1, 1, 2, 5), torch.rand(1, 1, 2, 5))
 
 
+@pytest.mark.parametrize("argument", ["x", "y", "mask"])
+@pytest.mark.parametrize("similarity", [ncc, gradient_ncc, multiscale_ncc])
+def test_a_meta_image_is_refused_naming_the_argument(similarity, argument):
+    """A meta tensor has no data; torch raised a device mismatch from inside (gradient-NCC of
+    two meta images returned a meta tensor)."""
+    given = {"x": _rand(2, 1, 8, 8), "y": _rand(2, 1, 8, 8, seed=1),
+             "mask": torch.ones(2, 1, 8, 8, dtype=torch.float64)}
+    given[argument] = given[argument].to("meta")
+    with pytest.raises(ProstlabError, match=rf"^{argument}: expected a tensor on a real device"):
+        similarity(**given)
+
+
 # ------------------------------------------------------------------------------ gradient-NCC
 
 

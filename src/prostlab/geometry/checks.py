@@ -19,6 +19,23 @@ if TYPE_CHECKING:
     from prostlab.geometry.camera import Camera
 
 
+def check_real_device(x: Tensor, name: str) -> Tensor:
+    """Refuse a tensor on the ``meta`` device; return ``x``.
+
+    A meta tensor has a shape and a dtype but no data, so nothing can be computed from it:
+    torch failed deep inside with ``Tensor.item() cannot be called on meta tensors`` or ``Tensor
+    on device cpu is not on the expected device meta!``, naming no argument. The public entry
+    points (the projector, the similarities, the network, the objectives and ``register``) check
+    their tensors here.
+    """
+    if x.device.type == "meta":
+        raise ProstlabError(
+            f"{name}: expected a tensor on a real device (cpu or cuda), got one on the meta "
+            "device, which holds no data"
+        )
+    return x
+
+
 def check_tensor(x: object, name: str, trailing: tuple[int, ...], form: str) -> Tensor:
     """Check that ``x`` is a floating-point tensor whose shape ends with ``trailing``.
 
@@ -33,12 +50,14 @@ def check_tensor(x: object, name: str, trailing: tuple[int, ...], form: str) -> 
 
     Raises:
         TypeError: ``x`` is not a tensor, or not of a floating-point dtype.
-        ValueError: the shape does not end with ``trailing``.
+        ValueError: the shape does not end with ``trailing``, or ``x`` is on the meta device
+            (:func:`check_real_device`).
     """
     if not isinstance(x, Tensor):
         raise ProstlabError(
             f"{name}: expected a torch.Tensor of shape {form}, got {type(x).__name__}"
         )
+    check_real_device(x, name)
     if not x.is_floating_point():
         raise ProstlabError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
     n = len(trailing)

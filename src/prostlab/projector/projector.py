@@ -9,6 +9,7 @@ from torch import nn
 
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera, check_pose
+from prostlab.geometry.checks import check_real_device
 from prostlab.projector.autograd import project
 from prostlab.projector.backends import BACKENDS, resolve_backend
 from prostlab.projector.rays import RayBundle
@@ -53,6 +54,7 @@ class Projector(nn.Module):
     def render(self, volume: torch.Tensor, spacing: Sequence[float], extrinsics: torch.Tensor):
         """DRRs at extrinsic matrices ``[R | t + sid e_z]`` (B, 3, 4), camera-from-volume."""
         _check_volume(volume, extrinsics.shape[0])
+        check_real_device(extrinsics, "extrinsics")
         dtype = volume.dtype if volume.dtype in (torch.float32, torch.float64) else torch.float32
         R, t = extrinsics[:, :, :3].to(dtype), extrinsics[:, :, 3:].to(dtype)
         M = torch.cat((R.transpose(1, 2), -R.transpose(1, 2) @ t), dim=2)
@@ -72,6 +74,7 @@ def _check_volume(volume: torch.Tensor, batch: int) -> None:
         raise ProstlabError(f"volume: expected a tensor of shape (B, C, D, H, W), got {shape}")
     if not volume.is_floating_point():
         raise ProstlabError(f"volume: expected a floating-point tensor, got {volume.dtype}")
+    check_real_device(volume, "volume")
     if volume.shape[0] not in (1, batch):
         raise ProstlabError(
             f"volume: batch of {volume.shape[0]} does not match {batch} poses (expected 1 or {batch})"

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from prostlab.errors import ProstlabError
 from prostlab.geometry import perturb
-from prostlab.geometry.checks import check_batched
+from prostlab.geometry.checks import check_batched, check_real_device
 from prostlab.registration.levels import build_level
 from prostlab.registration.schedule import Schedule, Stage, load_schedule
 
@@ -428,6 +428,7 @@ def register(
     if not isinstance(target, Tensor) or target.ndim != 4 or target.shape[1] != 1:
         got = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
         raise ProstlabError(f"target: expected a tensor of shape (B, 1, h, w), got {got}")
+    check_real_device(target, "target")
     if tuple(target.shape[2:]) != (camera.height, camera.width):
         raise ProstlabError(
             f"target: expected images of the camera's detector, (B, 1, {camera.height}, "
@@ -448,6 +449,8 @@ def register(
                 f"{name}: expected a tensor with batch 1 or {target.shape[0]} (the targets'), "
                 f"got {got}"
             )
+        if volume is not None:
+            check_real_device(volume, name)
 
     levels = {}
     for k, stage in enumerate(schedule.stages):

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera, check_pose
+from prostlab.geometry.checks import check_real_device
 from prostlab.projector import Projector
 
 __all__ = ["ACTIVATIONS", "ConvexSimilarityNet", "minmax_normalise"]
@@ -376,6 +377,7 @@ class ConvexSimilarityNet(nn.Module):
                 "bone_volume: expected one floating-point channel of bone attenuation, "
                 f"(B | 1, 1, D, H, W), got shape {tuple(bone_volume.shape)}, {bone_volume.dtype}"
             )
+        check_real_device(bone_volume, "bone_volume")
 
     def _check_target(self, target: object) -> None:
         camera = self.camera
@@ -390,3 +392,4 @@ class ConvexSimilarityNet(nn.Module):
             )
         if not target.is_floating_point():
             raise ProstlabError(f"target: expected a floating-point tensor, got {target.dtype}")
+        check_real_device(target, "target")

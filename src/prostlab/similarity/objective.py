@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from prostlab.errors import ProstlabError
+from prostlab.geometry.checks import check_real_device
 from prostlab.projector import Projector
 from prostlab.similarity.convex_net import ConvexSimilarityNet
 from prostlab.similarity.ncc import GradientNCCLoss, NCCLoss
@@ -237,3 +238,4 @@ def _check_tensor(x: object, name: str, ndim: int, form: str) -> None:
         raise ProstlabError(f"{name}: expected a tensor of shape {form}, got {got}")
     if not x.is_floating_point():
         raise ProstlabError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+    check_real_device(x, name)
