@@ -439,17 +439,20 @@ def test_a_signal_stops_a_command_with_128_plus_its_number_and_no_traceback(
 
 
 def test_a_stopped_register_overwrite_leaves_no_earlier_pose(tmp_path, capsys, monkeypatch):
-    """A killed `register --overwrite` left the earlier pose.json, which looked current: it is
-    removed once the inputs are checked; a file prostlab did not write stays."""
+    """A killed `register --overwrite` left the earlier pose.json, which looked current, and its
+    images, which a new pose.json written before the kill sat beside: they are removed once the
+    inputs are checked; a file prostlab did not write stays."""
     import prostlab.xray.register
     from prostlab.data import example_path
     from prostlab.outputs import record_outputs
 
     out = tmp_path / "reg"
     out.mkdir()
-    (out / "pose.json").write_text("{}")
+    earlier = [out / name for name in ("pose.json", "overlay.png", "drr.png")]
+    for path in earlier:
+        path.write_text("the earlier run's")
     (out / "notes.txt").write_text("mine")
-    record_outputs(out, "register", [out / "pose.json"])
+    record_outputs(out, "register", earlier)
 
     class Problem:
         notes: list = []
@@ -458,7 +461,8 @@ def test_a_stopped_register_overwrite_leaves_no_earlier_pose(tmp_path, capsys, m
     monkeypatch.setattr(prostlab.xray.register, "run", _signal_now(15))
     assert main(["register", "--xray", str(tmp_path / "x.png"), "--ct", str(example_path()),
                  "--out", str(out), "--overwrite"]) == 143
-    assert not (out / "pose.json").exists() and (out / "notes.txt").read_text() == "mine"
+    assert not any(path.exists() for path in earlier)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_ctrl_c_around_a_lightning_command_exits_130_without_a_traceback(capsys, monkeypatch,

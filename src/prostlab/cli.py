@@ -151,8 +151,8 @@ def _register(args: argparse.Namespace) -> int:
     )
     with output_folder(args.out, args.overwrite) as out:
         problem = prepare_problem(settings)
-        if args.overwrite:  # a run stopped from here on must not leave the earlier pose current
-            remove_recorded(out, "register", ["pose.json"])
+        if args.overwrite:  # a run stopped from here on must leave none of the earlier results
+            remove_recorded(out, "register")
         for note in problem.notes:
             print(f"  {note}")
         with _progress_bars() as progress:

@@ -217,11 +217,7 @@ def record_outputs(
     earlier = set(listed.get(command, []))
     removed = []
     if overwrite:
-        for name in sorted(earlier - names):
-            file = folder / name
-            if Path(name).name == name and not name.startswith(".") and file.is_file():
-                file.unlink()
-                removed.append(file)
+        removed = _remove_listed(folder, sorted(earlier - names))
         earlier = set()
     for other in listed:
         listed[other] = sorted(set(listed[other]) - names)
@@ -232,15 +228,26 @@ def record_outputs(
     return removed
 
 
-def remove_recorded(folder: str | Path, command: str, names: list[str]) -> list[Path]:
-    """Remove those of the files ``names`` in ``folder`` that its manifest lists as written by
-    ``command`` (never a file prostlab did not write); return the removed paths."""
+def remove_recorded(folder: str | Path, command: str) -> list[Path]:
+    """Remove the files in ``folder`` that its manifest lists as written by ``command`` (an
+    earlier run's results; never a file prostlab did not write); return the removed paths.
+
+    They stay listed: :func:`record_outputs` updates the manifest when the new run ends.
+    """
     folder = Path(folder)
-    listed = set(_read_manifest(folder).get(command, []))
+    return _remove_listed(folder, _read_manifest(folder).get(command, []))
+
+
+def _remove_listed(folder: Path, names: list[str]) -> list[Path]:
+    """Remove the files ``folder/name`` of a manifest's ``names``; return the removed paths.
+
+    Only plain file names are followed (no folder part, not hidden), so a manifest edited by hand
+    cannot reach outside ``folder`` nor the manifest itself.
+    """
     removed = []
     for name in names:
         file = folder / name
-        if name in listed and file.is_file():
+        if Path(name).name == name and not name.startswith(".") and file.is_file():
             file.unlink()
             removed.append(file)
     return removed
