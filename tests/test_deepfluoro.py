@@ -323,3 +323,26 @@ def test_shipped_config_fits_the_documented_detector():
         full = df.detector_camera(geometry, df.camera_signs(geometry.intrinsic, flag), model.sid)
         df.check_fitted_camera(model, df.fitted_camera(full, model))
     assert config["data"]["bones"] == "pelvis_xreg" and config["data"]["test_samples"] is None
+
+
+def test_the_data_layer_imports_nothing_from_the_packages_above_it():
+    """deepfluoro.py reached up into ``prostlab.xray`` with imports hidden in its functions (a
+    data <-> xray cycle). Every import of ``prostlab.data``, at module level or in a function,
+    stays in the data layer or below it; the X-ray preprocessing both use is
+    ``prostlab.data.detector``."""
+    import ast
+
+    below = ("prostlab.data", "prostlab.geometry", "prostlab.errors", "prostlab.limits",
+             "prostlab.outputs", "prostlab.resources", "prostlab.csv_table")
+    for path in sorted((REPO / "src" / "prostlab" / "data").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] if node.module != "prostlab" else [
+                    f"prostlab.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert name == "prostlab" or not name.startswith("prostlab.") or any(
+                    name == b or name.startswith(b + ".") for b in below), f"{path.name}: {name}"

@@ -73,6 +73,7 @@ from __future__ import annotations
 import csv
 import math
 import numbers
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,9 @@ import h5py
 import numpy as np
 import torch
 
+from prostlab.data.detector import fit_to_detector, line_integrals
 from prostlab.data.io import save_nifti
-from prostlab.data.labels import Structure
+from prostlab.data.labels import Structure, bone_ids
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera, matrix_to_pose, pose_to_matrix
 from prostlab.outputs import atomic_path
@@ -542,7 +544,7 @@ def detector_line_integrals(intensity: np.ndarray, valid: np.ndarray,
     """Line integrals of the oriented full-resolution image over its collimated field ``valid``
     (a centred rectangle), and the ``I0`` used.
 
-    - ``None``: prostlab's estimate, :func:`prostlab.xray.preprocess.line_integrals` (``I0`` the
+    - ``None``: prostlab's estimate, :func:`prostlab.data.detector.line_integrals` (``I0`` the
       99.5th percentile of the field; ``max(0, -log(I / I0))``, the brighter pixels clipped to 0).
     - a number: that ``I0``, same transform.
     - ``"diffpose"``: DiffPose's ``preprocess`` (``diffpose/deepfluoro.py``): the field, cropped as
@@ -558,8 +560,6 @@ def detector_line_integrals(intensity: np.ndarray, valid: np.ndarray,
     In both named settings an intensity ``<= 1e-6`` takes the largest finite line integral of
     the field (xreg's rule), and the pixels outside the field are 0 (they are masked).
     """
-    from prostlab.xray.preprocess import line_integrals
-
     if i0 is None or not isinstance(i0, str):
         return line_integrals(intensity, i0=i0, valid=valid)
     if i0 not in I0_MODES:
@@ -614,11 +614,9 @@ def xray_case(projection: Projection, geometry: Geometry, vol_to_lps: np.ndarray
     pixels within ``collimator_px`` of its border are masked; intensities become line integrals
     as ``i0`` says (:func:`detector_line_integrals`); the image and mask are binned and
     centre-cropped to ``shape`` with the camera updated
-    (:func:`prostlab.xray.preprocess.fit_to_detector`); the pose is :func:`pose_from_file` of the
+    (:func:`prostlab.data.detector.fit_to_detector`); the pose is :func:`pose_from_file` of the
     ground truth corrected as ``gt_correction`` says (:func:`corrected_ground_truth`).
     """
-    from prostlab.xray.preprocess import fit_to_detector
-
     if projection.intensity.shape != (geometry.rows, geometry.cols):
         raise ProstlabError(
             f"{projection.specimen}/projections/{projection.index}/image/pixels: shape "
@@ -641,8 +639,6 @@ def xray_case(projection: Projection, geometry: Geometry, vol_to_lps: np.ndarray
 def fitted_camera(full: Camera, model: Camera) -> Camera:
     """The camera :func:`xray_case` gives a ``full``-resolution detector fitted to ``model``'s
     ``(height, width)`` (no image is read)."""
-    from prostlab.xray.preprocess import fit_to_detector
-
     blank = np.zeros((full.height, full.width), dtype=np.float32)
     return fit_to_detector(blank, blank > 0, full, (model.height, model.width))[2]
 
@@ -731,10 +727,6 @@ def protocol(source: Mapping[str, Any], bones: Any) -> str:
     """One line stating the choices a DeepFluoro score depends on, for the results: specimen,
     rendered bones, ground truth, ``I0`` and the masked border. ``source`` is a checked entry
     (:func:`source_options`)."""
-    import tempfile
-
-    from prostlab.data.labels import bone_ids
-
     try:
         with tempfile.TemporaryDirectory() as folder:
             ids = bone_ids(bones, write_structures(Path(folder) / "structures.csv"))

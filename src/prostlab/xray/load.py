@@ -7,9 +7,9 @@
 2. the camera: the file's values, replaced or completed by the caller's, checked for physical
    sense (:data:`SDD_RANGE_MM`, :data:`PIXEL_SPACING_RANGE_MM`, :data:`MAX_FIELD_MM`);
 3. detector intensity: values that fall with the beam intensity are inverted;
-4. the usable field (:func:`~prostlab.xray.preprocess.field_mask`);
+4. the usable field (:func:`~prostlab.data.detector.field_mask`);
 5. line integrals, ``-log(I / I0)`` (or ``L0 - L`` for a log image);
-6. the fit to the detector (:func:`~prostlab.xray.preprocess.fit_to_detector`); unusable
+6. the fit to the detector (:func:`~prostlab.data.detector.fit_to_detector`); unusable
    pixels are set to 0.
 """
 
@@ -26,12 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from prostlab.errors import ProstlabError
-from prostlab.geometry import Camera
-from prostlab.limits import MIN_SPACING_MM
-from prostlab.xray.dicom_xray import is_dicom, read_dicom_xray
-from prostlab.xray.image_file import IMAGE_SUFFIXES, image_format, read_image_file
-from prostlab.xray.preprocess import (
+from prostlab.data.detector import (
     I0_PERCENTILE,
     binning_factor,
     field_mask,
@@ -39,6 +34,11 @@ from prostlab.xray.preprocess import (
     line_integrals,
     log_line_integrals,
 )
+from prostlab.errors import ProstlabError
+from prostlab.geometry import Camera
+from prostlab.limits import MIN_SPACING_MM
+from prostlab.xray.dicom_xray import is_dicom, read_dicom_xray
+from prostlab.xray.image_file import IMAGE_SUFFIXES, image_format, read_image_file
 from prostlab.xray.raw import FileValue, RawXRay
 
 CAMERA_FLAGS = {"sdd": "--sdd", "sid": "--sid", "pixel_spacing": "--pixel-spacing"}

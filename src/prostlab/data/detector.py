@@ -1,6 +1,11 @@
 """Preprocessing of one projection X-ray: intensities to line integrals, the usable field, and
 the fit to the registration detector.
 
+Plain numpy functions on an image and its :class:`~prostlab.geometry.Camera`, below both of
+their users: :mod:`prostlab.xray` (a user's X-ray, :func:`~prostlab.xray.load_xray`) and
+:mod:`prostlab.data.deepfluoro` (DeepFluoro's projections) import them from here, so that the
+data layer never imports the X-ray package above it.
+
 Images are 2D numpy arrays of shape ``(H, W)``: ``H`` rows (``v``, down the image) and ``W``
 columns (``u``), pixel centres at integer ``(u, v)``, as in ``docs/geometry.md``.
 
