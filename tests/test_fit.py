@@ -13,6 +13,7 @@ from wandb_offline import history
 def test_fit_offline_wandb_history_images_and_config(tmp_path):
     done = fit(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "anonymous" not in done.stdout + done.stderr  # W&B's warning on every run, before
     (run,) = (tmp_path / "runs" / "tiny" / "wandb").glob("offline-run-*")
     keys = set().union(*history(run))
     for key in (

@@ -111,3 +111,6 @@ class AutoWandbLogger(WandbLogger):
         super().__init__(
             project=project, save_dir=save_dir, offline=offline, log_model=log_model, **kwargs
         )
+        # Lightning passes anonymous=None to wandb.init, which wandb (0.19 and later) answers on
+        # every run with "The anonymous setting has no effect"; without it, the run is the same.
+        self._wandb_init.pop("anonymous", None)
