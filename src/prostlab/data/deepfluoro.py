@@ -82,6 +82,8 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from scipy import ndimage
+from scipy.special import ive
 
 from prostlab.data.detector import fit_to_detector, line_integrals
 from prostlab.data.io import save_nifti
@@ -521,8 +523,6 @@ def _discrete_gaussian_taps(variance: float, max_error: float = 0.01) -> np.ndar
     """Lindeberg's discrete Gaussian ``e^-t I_n(t)``, ``t = variance``, from ``n = 0`` until the
     taps hold ``1 - max_error`` of the mass, normalised (ITK's ``GaussianOperator``, which xreg's
     ``DiscreteGaussianImageFilter`` uses)."""
-    from scipy.special import ive
-
     half = [float(ive(0, variance))]
     total = half[0]
     while total < 1.0 - max_error:
@@ -533,8 +533,6 @@ def _discrete_gaussian_taps(variance: float, max_error: float = 0.01) -> np.ndar
 
 
 def _smoothed(image: np.ndarray, taps: np.ndarray, mode: str) -> np.ndarray:
-    from scipy import ndimage
-
     out = ndimage.correlate1d(image, taps, axis=0, mode=mode)
     return ndimage.correlate1d(out, taps, axis=1, mode=mode)
 
