@@ -203,11 +203,28 @@ __device__ __forceinline__ void vjp_body(const Launch<T>& L) {
   }                                                                            \
   PROST_HOST_EXPORT(name)
 
-PROST_KERNEL(prost_forward_f32, float, prost::forward_body<float>)
+// The float kernels that read the volume only also have a host version walking eight rays per
+// call in vector lanes (emulation/lanes.h; the cpu backend's build): LANES(L) runs the lanes of
+// emulated threads threadIdx.x, ..., threadIdx.x + 7, or returns false for a launch it does not
+// cover, which then runs the scalar kernel thread by thread.
+#if defined(PROST_HOST_LANES) && defined(__AVX2__)
+#include "emulation/lanes.h"
+#define PROST_KERNEL_LANES(name, T, LANES, ...)                                    \
+  extern "C" __global__ void name(PROST_PARAMS(T)) { __VA_ARGS__(PROST_LAUNCH(T)); } \
+  static bool name##_lanes(PROST_PARAMS(T)) { return LANES(PROST_LAUNCH(T)); }     \
+  PROST_HOST_EXPORT_LANES(name, name##_lanes, prost::lanes::kLanes)
+#else
+#define PROST_KERNEL_LANES(name, T, LANES, ...) PROST_KERNEL(name, T, __VA_ARGS__)
+#endif
+
+PROST_KERNEL_LANES(prost_forward_f32, float, prost::lanes::line_integrals_of_block<false>,
+                   prost::forward_body<float>)
 PROST_KERNEL(prost_forward_f64, double, prost::forward_body<double>)
-PROST_KERNEL(prost_jvp_f32, float, prost::jvp_body<float>)
+PROST_KERNEL_LANES(prost_jvp_f32, float, prost::lanes::line_integrals_of_block<true>, prost::jvp_body<float>)
 PROST_KERNEL(prost_jvp_f64, double, prost::jvp_body<double>)
-PROST_KERNEL(prost_vjp_f32, float, prost::vjp_body<float, false>)
+PROST_KERNEL_LANES(prost_vjp_f32, float, prost::lanes::pose_gradient_of_block<false>,
+                   prost::vjp_body<float, false>)
 PROST_KERNEL(prost_vjp_f64, double, prost::vjp_body<double, false>)
-PROST_KERNEL(prost_jvp_vjp_f32, float, prost::vjp_body<float, true>)
+PROST_KERNEL_LANES(prost_jvp_vjp_f32, float, prost::lanes::pose_gradient_of_block<true>,
+                   prost::vjp_body<float, true>)
 PROST_KERNEL(prost_jvp_vjp_f64, double, prost::vjp_body<double, true>)

@@ -25,6 +25,7 @@ from prostlab.projector.backends.cpu_kernels import (
 )
 from prostlab.projector.backends.host_emulation import (
     VARIANTS,
+    HostKernelBackend,
     build_host_library,
     compiler,
     library_path,
@@ -155,6 +156,47 @@ def gradients(backend, case):
     rays, vol, M, dM, g = case
     return (*backend.vjp(rays, vol, M, g), *backend.jvp_vjp(rays, vol, M, dM, g),
             backend.vjp(rays, vol, M, g, need_vol=False)[1])
+
+
+def reads_only(backend, case):
+    """What the cpu backend walks eight rays at a time in vector lanes (kernels/emulation/
+    lanes.h): forward, jvp, and the pose-only vjp and jvp_vjp."""
+    rays, vol, M, dM, g = case
+    return (backend.forward(rays, vol, M), backend.jvp(rays, vol, M, dM),
+            backend.vjp(rays, vol, M, g, need_vol=False)[1],
+            backend.jvp_vjp(rays, vol, M, dM, g, need_vol=False)[1])
+
+
+@pytest.mark.parametrize("layout", ["linear", "bricks"])
+@pytest.mark.parametrize("case", ["centred", "face", "miss", "nan", "exact", "shared"])
+def test_lanes_give_the_scalar_kernels_bits(case, layout):
+    """The cpu build's lanes do each ray's arithmetic in the scalar kernel's order: float32
+    results equal, bit for bit, those of the scalar emulation build (kernels one ray at a time,
+    compiled without lanes) in the same ray order and fixed-order sums. "miss" has a pose that
+    misses every ray, "nan" a pose with a NaN translation (NaN images and gM for it)."""
+    if case in ("centred", "face", "miss"):
+        data = camera_case(case, torch.float32, 2, 3)
+    elif case == "nan":
+        rays, vol, M, dM, g = camera_case("centred", torch.float32, 2, 3)
+        M = M.clone()
+        M[1, 0, 3] = float("nan")
+        data = rays, vol, M, dM, g
+    elif case == "exact":
+        data = exact_case(torch.float32)
+    else:
+        data = shared_volume_case(24, 0.5, (12, 10, 14), 1.0, 0.3, 5, torch.float32)
+    lanes, scalar = CpuKernelBackend(), HostKernelBackend(deterministic=True)
+    scalar.tile_rays = lanes.tile_rays
+    for backend in (lanes, scalar):  # bricks of 2 voxels: several bricks even in small grids
+        backend.brick_shift = 1 if layout == "bricks" else 0
+        backend.brick_min_voxels = 0
+        backend.layout_trials = 0
+    ours, theirs = reads_only(lanes, data), reads_only(scalar, data)
+    assert all(t.nan_to_num().abs().sum() > 0 for t in ours)
+    assert all(t.isnan().any() == (case == "nan") for t in ours)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+        assert torch.equal(a.isnan(), b.isnan())
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -102,9 +102,9 @@ inline T __shfl_down_sync(unsigned int, T value, unsigned int) {
 
 namespace prost_host {
 
-template <typename... A, std::size_t... I>
-inline void call(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
-  kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
+template <typename R, typename... A, std::size_t... I>
+inline R call(R (*kernel)(A...), void** args, std::index_sequence<I...>) {
+  return kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
 }
 
 // The threads a launch uses (<= 0: OpenMP's default); ignored without OpenMP.
@@ -129,9 +129,38 @@ inline void run_block(void (*kernel)(A...), dim3 grid, dim3 block, void** args, 
       }
 }
 
-// Run kernel<<<grid, block>>>(args...) as loops over blocks and, inside each, over its threads.
+// Block i with `lanes` threads per call of lanes_kernel (threads threadIdx.x, ...,
+// threadIdx.x + lanes - 1; block.x a multiple of lanes, block.y = block.z = 1); where it returns
+// false, those threads run one by one in kernel instead.
 template <typename... A>
-inline void launch(void (*kernel)(A...), dim3 grid, dim3 block, void** args) {
+inline void run_block_lanes(void (*kernel)(A...), bool (*lanes_kernel)(A...), int lanes,
+                            dim3 grid, dim3 block, void** args, long long i) {
+  gridDim = grid;
+  blockDim = block;
+  blockIdx = {(unsigned int)(i % grid.x), (unsigned int)(i / grid.x % grid.y),
+              (unsigned int)(i / ((long long)grid.x * grid.y))};
+  for (unsigned int tx = 0; tx < block.x; tx += lanes) {
+    threadIdx = {tx, 0, 0};
+    if (call(lanes_kernel, args, std::index_sequence_for<A...>{})) continue;
+    for (unsigned int t = tx; t < tx + lanes; ++t) {
+      threadIdx = {t, 0, 0};
+      call(kernel, args, std::index_sequence_for<A...>{});
+    }
+  }
+}
+
+// Run kernel<<<grid, block>>>(args...) as loops over blocks and, inside each, over its threads
+// (or groups of `lanes` threads in lanes_kernel, when given).
+template <typename... A>
+inline void launch(void (*kernel)(A...), dim3 grid, dim3 block, void** args,
+                   bool (*lanes_kernel)(A...) = nullptr, int lanes = 1) {
+  const auto block_run = [&](long long i) {
+    if (lanes_kernel != nullptr && block.x % lanes == 0 && block.y == 1 && block.z == 1) {
+      run_block_lanes(kernel, lanes_kernel, lanes, grid, block, args, i);
+    } else {
+      run_block(kernel, grid, block, args, i);
+    }
+  };
   const long long blocks = (long long)grid.x * grid.y * grid.z;
 #ifdef _OPENMP
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
@@ -140,19 +169,27 @@ inline void launch(void (*kernel)(A...), dim3 grid, dim3 block, void** args) {
     {
       worker = omp_get_thread_num();
 #pragma omp for schedule(static, 1)
-      for (long long i = 0; i < blocks; ++i) run_block(kernel, grid, block, args, i);
+      for (long long i = 0; i < blocks; ++i) block_run(i);
     }
     return;
   }
 #pragma omp parallel for schedule(dynamic) num_threads(threads)
 #endif
-  for (long long i = 0; i < blocks; ++i) run_block(kernel, grid, block, args, i);
+  for (long long i = 0; i < blocks; ++i) block_run(i);
 }
 
 }  // namespace prost_host
 
 extern "C" void prost_host_set_threads(int n) { prost_host::num_threads = n; }
 extern "C" void prost_host_set_fixed_order(int on) { prost_host::fixed_order = on != 0; }
+
+// The same entry point for a kernel with a lanes version (prost.cu, PROST_KERNEL_LANES).
+#define PROST_HOST_EXPORT_LANES(kernel, lanes_kernel, lanes)                                 \
+  extern "C" void kernel##_host(unsigned int gx, unsigned int gy, unsigned int gz,           \
+                                unsigned int bx, unsigned int by, unsigned int bz,           \
+                                void** args) {                                               \
+    prost_host::launch(kernel, dim3(gx, gy, gz), dim3(bx, by, bz), args, lanes_kernel, lanes); \
+  }
 
 #define PROST_HOST_EXPORT(kernel)                                                          \
   extern "C" void kernel##_host(unsigned int gx, unsigned int gy, unsigned int gz,         \

@@ -33,7 +33,7 @@ import torch
 from prostlab.errors import ProstlabError
 from prostlab.projector.backends.cupy_backend import KernelBackend
 
-SOURCES = ("prost.cu", "prost_common.cuh", "emulation/cuda_host.h")
+SOURCES = ("prost.cu", "prost_common.cuh", "emulation/cuda_host.h", "emulation/lanes.h")
 """The kernel files the host library is built from (relative to ``prostlab.kernels``)."""
 
 CXXFLAGS = (
@@ -46,13 +46,14 @@ VARIANTS = {
     "emulation": CXXFLAGS,
     "cpu": (
         "-x", "c++", "-std=c++17", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
-        "-ffp-contract=off",
+        "-ffp-contract=off", "-DPROST_HOST_LANES",
         "-Wall", "-Wextra", "-Wno-unknown-pragmas",
     ),
 }
-"""The two builds of prost.cu: ``emulation`` (single-threaded, for the tests) and ``cpu`` (blocks
-run in parallel with OpenMP: :mod:`~prostlab.projector.backends.cpu_kernels`). Both keep IEEE
-arithmetic without FMA contraction."""
+"""The two builds of prost.cu: ``emulation`` (single-threaded, one ray at a time, for the tests)
+and ``cpu`` (blocks run in parallel with OpenMP, and eight rays per call in vector lanes where
+the CPU has AVX2: :mod:`~prostlab.projector.backends.cpu_kernels`). Both keep IEEE arithmetic
+without FMA contraction, so the lanes give the emulation's bits."""
 
 _lock = threading.Lock()
 _libraries: dict[Path, ctypes.CDLL] = {}

@@ -1,0 +1,269 @@
+// Eight rays at a time in the lanes of an AVX2 vector: the host's forward, jvp and pose-only vjp.
+//
+// The cpu backend runs prost.cu's kernels one emulated thread (one ray) after another, and a
+// sample's scalar work (its cell, the eight trilinear weights, the gathers of each channel) is
+// what a step of training or registration spends most of its time on. Here the same walk runs
+// for the eight rays p0, ..., p0 + 7 of a block at once, one ray per lane of a float vector:
+// every lane does the arithmetic of the scalar kernel, operation for operation and in the same
+// order (IEEE single precision, no contraction), so each lane's result has the same bits as the
+// scalar kernel's for its ray. The rays of a block are neighbouring pixels (the backend tiles
+// them in Morton order), so their clipped sample ranges nearly agree: the walk steps through
+// the union of the eight ranges, absolute sample index k, and a lane adds nothing where k lies
+// outside its own range. The Weights formulas of prost_common.cuh are reused on the F8 type.
+//
+// Only what reads the volume is here (forward, jvp, and vjp / jvp_vjp when only the pose
+// gradient is asked for); scattering into the volume's gradient stays one ray at a time (eight
+// lanes would collide on shared corners). Float only; double runs the scalar kernels.
+// Compiled into the cpu backend (-DPROST_HOST_LANES, AVX2), never into the GPU's kernels or the
+// single-threaded emulation the tests compare them with.
+
+#ifndef PROST_LANES_H
+#define PROST_LANES_H
+
+#include <immintrin.h>
+
+namespace prost {
+namespace lanes {
+
+constexpr int kLanes = 8;
+
+typedef float f8 __attribute__((vector_size(32)));
+typedef int i8 __attribute__((vector_size(32)));
+typedef unsigned int u8 __attribute__((vector_size(32)));
+
+// Eight floats with the arithmetic that prost_common.cuh's templates use on T (+, -, *, T(x)).
+struct F8 {
+  f8 v;
+  F8() : v(f8{}) {}
+  F8(f8 x) : v(x) {}
+  F8(double x) : v(f8{} + (float)x) {}
+  F8 operator+(F8 o) const { return v + o.v; }
+  F8 operator-(F8 o) const { return v - o.v; }
+  F8 operator*(F8 o) const { return v * o.v; }
+  F8 operator-() const { return -v; }
+  F8& operator+=(F8 o) { v += o.v; return *this; }
+};
+
+inline i8 splat_int(int x) { return i8{} + x; }
+
+// Where mask is set, a; elsewhere b (masks are 0 or -1 per lane).
+inline f8 select(i8 mask, f8 a, f8 b) { return mask ? a : b; }
+
+// base[idx] in the lanes where mask is set, 0 elsewhere (no read there).
+inline f8 gather(const float* base, i8 idx, i8 mask) {
+  return (f8)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, (__m256i)idx, (__m256)mask, 4);
+}
+
+// Launch::axis_offset, lane by lane.
+inline i8 axis_offset(const Launch<float>& L, int a, i8 i) {
+  if (L.brick_shift == 0) {
+    return a == 0 ? i * splat_int(L.n[1]) * L.n[2] : (a == 1 ? i * splat_int(L.n[2]) : i);
+  }
+  const int b = L.brick_shift, e = 1 << b;
+  const int nb1 = (L.n[1] + e - 1) >> b, nb2 = (L.n[2] + e - 1) >> b;
+  const int brick = a == 0 ? nb1 * nb2 : (a == 1 ? nb2 : 1);
+  const int local = a == 0 ? e * e : (a == 1 ? e : 1);
+  return (((i >> b) * brick) << (3 * b)) + (i & (e - 1)) * local;
+}
+
+// The eight rays p0 + l of batch item b (make_ray each), packed lane by lane; lanes past the
+// last ray have no samples.
+struct Rays8 {
+  f8 c[3], w[3], d[3], poison;
+  i8 k_first, k_end;  // samples k_first <= k < k_end
+  long long k_lo = 0, k_hi = 0;  // the union of the lanes' ranges
+  int p0;
+
+  Rays8(const Launch<float>& L, int b, int p0_) : p0(p0_) {
+    bool any = false;
+    for (int l = 0; l < kLanes; ++l) {
+      Ray<float> ray{};
+      if (p0 + l < L.P) ray = make_ray(L, b, p0 + l);
+      for (int a = 0; a < 3; ++a) {
+        c[a][l] = ray.c[a];
+        w[a][l] = ray.w[a];
+        d[a][l] = ray.d[a];
+      }
+      poison[l] = ray.poison;
+      k_first[l] = (int)ray.k_first;
+      k_end[l] = (int)ray.k_first + ray.count;
+      if (ray.count > 0) {
+        k_lo = any ? min_(k_lo, ray.k_first) : ray.k_first;
+        k_hi = any ? max_(k_hi, ray.k_first + ray.count) : ray.k_first + ray.count;
+        any = true;
+      }
+    }
+  }
+  // Lanes whose ray has sample k.
+  i8 active(long long k) const {
+    const i8 kk = splat_int((int)k);
+    return (kk >= k_first) & (kk < k_end);
+  }
+};
+
+// Cell<float> of one sample in each lane: the corner offsets, the fractions and which corners
+// exist, with the scalar constructor's arithmetic.
+struct Cell8 {
+  i8 off[3][2];
+  F8 f[3];
+  i8 lo[3], hi[3];
+
+  Cell8(const Rays8& rays, float tau, const Launch<float>& L) {
+    for (int a = 0; a < 3; ++a) {
+      const f8 x = rays.c[a] + tau * rays.w[a];
+      f8 q = x * L.inv_s[a] + float(L.n[a] - 1) * 0.5f;
+      const f8 lower = f8{} - 1.0f, upper = f8{} + float(L.n[a]);
+      q = select(q < lower, lower, q);  // max_(q, -1)
+      q = select(upper < q, upper, q);  // min_(q, N)
+      const f8 fl = (f8)_mm256_floor_ps((__m256)q);
+      const i8 i = __builtin_convertvector(fl, i8);
+      f[a] = q - fl;
+      const u8 n = (u8{} + (unsigned)L.n[a]);
+      lo[a] = (i8)((u8)i < n);
+      hi[a] = (i8)((u8)(i + 1) < n);
+      off[a][0] = axis_offset(L, a, i);
+      off[a][1] = axis_offset(L, a, i + 1);
+    }
+  }
+  // Lanes where corner n exists, among those in mask.
+  i8 inside(int n, i8 mask) const {
+    return mask & ((n & 4) ? hi[0] : lo[0]) & ((n & 2) ? hi[1] : lo[1]) &
+           ((n & 1) ? hi[2] : lo[2]);
+  }
+  i8 index(int n) const {
+    return off[0][(n >> 2) & 1] + off[1][(n >> 1) & 1] + off[2][n & 1];
+  }
+  // v[n] = channel[corner n] in the lanes of mask where the corner exists, else 0.
+  void gather_corners(const float* channel, i8 mask, F8 v[8]) const {
+    for (int n = 0; n < 8; ++n) v[n] = gather(channel, index(n), inside(n, mask));
+  }
+};
+
+// out[b, ch, p] for the lanes' rays: value * step + poison (as the scalar kernels store it).
+inline void store(const Launch<float>& L, const Rays8& rays, int b, int ch, F8 acc) {
+  const f8 value = acc.v * L.step + rays.poison;
+  for (int l = 0; l < kLanes && rays.p0 + l < L.P; ++l)
+    L.out[L.image_index(b, ch, rays.p0 + l)] = value[l];
+}
+
+// forward_body and jvp_body of prost.cu (jvp = true: the derivative along dM) for eight rays.
+template <bool jvp>
+inline void line_integrals(const Launch<float>& L, int b, int p0) {
+  const Rays8 rays(L, b, p0);
+  f8 dc[3], dw[3];  // Velocity of each lane's ray
+  if (jvp) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float d[3] = {rays.d[0][l], rays.d[1][l], rays.d[2][l]};
+      const Velocity<float> vel(L.dM + 12 * (long long)b, d);
+      for (int a = 0; a < 3; ++a) {
+        dc[a][l] = vel.dc[a];
+        dw[a][l] = vel.dw[a];
+      }
+    }
+  }
+  for (int c0 = 0; c0 < L.C; c0 += kChannelTile) {
+    F8 acc[kChannelTile];
+    for (long long k = rays.k_lo; k < rays.k_hi; ++k) {
+      const i8 live = rays.active(k);
+      const float tau = float(k) * L.step;
+      const Cell8 cell(rays, tau, L);
+      const Weights<F8> wt(cell.f);
+      F8 dq[3];
+      if (jvp)
+        for (int a = 0; a < 3; ++a) dq[a] = (dc[a] + tau * dw[a]) * L.inv_s[a];
+      PROST_UNROLL
+      for (int j = 0; j < kChannelTile; ++j) {
+        if (c0 + j >= L.C) break;
+        F8 v[8];
+        cell.gather_corners(L.vol + L.channel_offset(b, c0 + j), live, v);
+        F8 sample;
+        if (jvp) {
+          F8 grad[3];
+          wt.gradient(v, grad);
+          sample = grad[0] * dq[0] + grad[1] * dq[1] + grad[2] * dq[2];
+        } else {
+          sample = wt.value(v);
+        }
+        acc[j].v = select(live, (acc[j] + sample).v, acc[j].v);
+      }
+    }
+    for (int j = 0; j < kChannelTile && c0 + j < L.C; ++j) store(L, rays, b, c0 + j, acc[j]);
+  }
+}
+
+// vjp_walk<float, second_order, false, true> for eight rays, then each lane's
+// add_pose_gradient in lane order (the order the scalar kernel adds the rays in).
+template <bool second_order>
+inline void pose_gradient(const Launch<float>& L, int b, int p0) {
+  const Rays8 rays(L, b, p0);
+  f8 dc[3], dw[3];
+  for (int l = 0; l < kLanes; ++l) {
+    const float d[3] = {rays.d[0][l], rays.d[1][l], rays.d[2][l]};
+    const Velocity<float> vel(second_order ? L.dM + 12 * (long long)b : L.M, d);
+    for (int a = 0; a < 3; ++a) {
+      dc[a][l] = vel.dc[a];
+      dw[a][l] = vel.dw[a];
+    }
+  }
+  F8 S0[3], S1[3];
+  for (int a = 0; a < 3; ++a) S0[a] = S1[a] = rays.poison;
+  for (long long k = rays.k_lo; k < rays.k_hi; ++k) {
+    const i8 live = rays.active(k);
+    const float tau = float(k) * L.step;
+    const Cell8 cell(rays, tau, L);
+    const Weights<F8> wt(cell.f);
+    F8 dq[3];
+    if (second_order)
+      for (int a = 0; a < 3; ++a) dq[a] = (dc[a] + tau * dw[a]) * L.inv_s[a];
+    F8 mixed[8];
+    for (int ch = 0; ch < L.C; ++ch) {
+      f8 gs{};
+      for (int l = 0; l < kLanes && p0 + l < L.P; ++l)
+        gs[l] = L.g[L.image_index(b, ch, p0 + l)] * L.step;
+      F8 v[8];
+      cell.gather_corners(L.vol + L.channel_offset(b, ch), live, v);
+      PROST_UNROLL
+      for (int n = 0; n < 8; ++n) mixed[n] += F8(gs) * v[n];
+    }
+    F8 gq[3];
+    if (second_order) {
+      wt.hessian_times(mixed, dq, gq);
+    } else {
+      wt.gradient(mixed, gq);
+    }
+    for (int a = 0; a < 3; ++a) {
+      const F8 gx = gq[a] * F8(L.inv_s[a]);
+      S0[a].v = select(live, (S0[a] + gx).v, S0[a].v);
+      S1[a].v = select(live, (S1[a] + F8(tau) * gx).v, S1[a].v);
+    }
+  }
+  const unsigned first = threadIdx.x;
+  for (int l = 0; l < kLanes; ++l) {
+    threadIdx.x = first + l;
+    const float s0[3] = {S0[0].v[l], S0[1].v[l], S0[2].v[l]};
+    const float s1[3] = {S1[0].v[l], S1[1].v[l], S1[2].v[l]};
+    const float d[3] = {rays.d[0][l], rays.d[1][l], rays.d[2][l]};
+    add_pose_gradient(L, b, p0 + l, s0, s1, d);
+  }
+  threadIdx.x = first;
+}
+
+// The launch entries (prost.cu, PROST_KERNEL_LANES): the eight emulated threads from
+// threadIdx.x on. A scatter into gvol is not done in lanes: false, and the scalar kernel runs.
+template <bool jvp>
+inline bool line_integrals_of_block(const Launch<float>& L) {
+  line_integrals<jvp>(L, blockIdx.y, blockIdx.x * blockDim.x + threadIdx.x);
+  return true;
+}
+
+template <bool second_order>
+inline bool pose_gradient_of_block(const Launch<float>& L) {
+  if (L.need_vol || !L.need_M) return false;
+  pose_gradient<second_order>(L, blockIdx.y, blockIdx.x * blockDim.x + threadIdx.x);
+  return true;
+}
+
+}  // namespace lanes
+}  // namespace prost
+
+#endif  // PROST_LANES_H
