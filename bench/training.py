@@ -12,7 +12,9 @@ two paths, alternating step by step in one process after one warm-up each:
 
 - ``before``: every gradient the projector's inputs require (:func:`every_gradient`), the
   lifting CNN's dense convolutions and the whole lifted volume projected (``bone_only =
-  False``), ``loss.backward()`` into every leaf;
+  False``), ``loss.backward()`` into every leaf, and on the CPU the ``cpu`` backend built from
+  ``kernels/`` as of ``--before-kernels`` (git revision, default 76d00cd: before the kernels'
+  unrolled loops and vector lanes): the step as it was before issue 20;
 - ``now``: the code as it is.
 
 Both paths run the same cases and augmentations (a new batch every step) with the same network
@@ -35,9 +37,12 @@ kernel.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
-from contextlib import nullcontext
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import torch
 from omegaconf import OmegaConf
@@ -45,14 +50,24 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import default_collate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import load_average, machine_facts, markdown_table, measure_call, median  # noqa: E402
+from _common import (  # noqa: E402
+    REPO,
+    load_average,
+    machine_facts,
+    markdown_table,
+    measure_call,
+    median,
+)
 from prostlab.data import PoseDataModule  # noqa: E402
 from prostlab.geometry import geodesic_gradient  # noqa: E402
 from prostlab.lightning.augment import TrainingAugmentation  # noqa: E402
 from prostlab.lightning.checkpoint import load_net_weights  # noqa: E402
 from prostlab.lightning.training import ConvexSimilarityModule  # noqa: E402
 from prostlab.lightning.volume_bank import VolumeBank  # noqa: E402
+from prostlab.projector import projector as projector_module  # noqa: E402
 from prostlab.projector.autograd import every_gradient  # noqa: E402
+from prostlab.projector.backends.cpu_kernels import CpuKernelBackend  # noqa: E402
+from prostlab.projector.backends.host_emulation import SOURCES  # noqa: E402
 from prostlab.similarity import pose_gradient  # noqa: E402
 
 PROJECTOR_EVENTS = ("_Project", "_ProjectBackward", "_ProjectVJPBackward")
@@ -87,10 +102,45 @@ def collate(cases, device: torch.device) -> dict[str, torch.Tensor]:
     return {key: value.to(device) for key, value in default_collate(list(cases)).items()}
 
 
+def kernels_at(revision: str) -> CpuKernelBackend:
+    """The ``cpu`` backend built from ``kernels/`` as of git ``revision`` (files it lacks are
+    left out of the build, as that version did not have them)."""
+    folder = Path(tempfile.mkdtemp(prefix="prostlab-kernels-"))
+    for name in SOURCES:
+        shown = subprocess.run(["git", "show", f"{revision}:kernels/{name}"], cwd=REPO,
+                               capture_output=True)
+        if shown.returncode == 0:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(shown.stdout)
+    return CpuKernelBackend(sources=folder)
+
+
+BEFORE_KERNELS: CpuKernelBackend | None = None
+"""The "before" path's kernels on the CPU (``--before-kernels``); None: today's."""
+
+
+@contextmanager
+def on_path(path: str):
+    """Run the projector as ``path`` does: "now" as it is; "before" with every gradient and,
+    on CPU tensors, :data:`BEFORE_KERNELS` in place of the backend ``auto`` would pick."""
+    if path == "now":
+        yield
+        return
+    resolve = projector_module.resolve_backend
+
+    def before(name, device, max_samples):
+        if BEFORE_KERNELS is not None and device.type == "cpu":
+            return BEFORE_KERNELS
+        return resolve(name, device, max_samples)
+
+    with every_gradient(), mock.patch.object(projector_module, "resolve_backend", before):
+        yield
+
+
 def training_step(module, optimizer, cases, path: str) -> float:
     """One step on ``path`` ("before" or "now"); the loss."""
     module.net.bone_only = path == "now"
-    with every_gradient() if path == "before" else nullcontext():
+    with on_path(path):
         optimizer.zero_grad()
         loss = module.case_losses(cases, augment=True).mean()
         if path == "before":
@@ -114,7 +164,7 @@ def convexity(config: str, checkpoint: str, device: torch.device) -> list[list[s
         module.net.bone_only = path == "now"
         for metric in (module.val_convex, module.val_cos_rot, module.val_cos_trans):
             metric.reset()
-        with every_gradient() if path == "before" else nullcontext():
+        with on_path(path):
             parts = []
             for view, sel in module.volumes.groups(cases["volume_index"]):
                 gt, current = cases["gt_pose"][sel], cases["initial_pose"][sel]
@@ -195,8 +245,14 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a trained network: its validation convexity on "
                         "both paths, on the first config's validation cases")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the CUDA kernels")
+    parser.add_argument("--before-kernels", default="76d00cd",
+                        help="git revision whose kernels/ the before path runs on the CPU "
+                        "(\"now\": today's)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    global BEFORE_KERNELS
+    if device.type == "cpu" and args.before_kernels != "now":
+        BEFORE_KERNELS = kernels_at(args.before_kernels)
     if args.checkpoint:
         print(markdown_table(
             ["config", "path", "cases", "convex fraction", "mean cos (rotation)",

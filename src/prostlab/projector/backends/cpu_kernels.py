@@ -53,8 +53,8 @@ class CpuKernelBackend(HostKernelBackend):
     layout_trials = 2  # bricks or linear, whichever is faster here (bricks.LayoutChoice)
     tile_rays = True
 
-    def __init__(self, directory: Path | None = None):
-        super().__init__(directory, deterministic=True)
+    def __init__(self, directory: Path | None = None, sources: Path | None = None):
+        super().__init__(directory, deterministic=True, sources=sources)
         self._library.prost_host_set_threads.restype = None
         self._library.prost_host_set_threads.argtypes = [ctypes.c_int]
 

@@ -92,9 +92,17 @@ def compiler() -> str | None:
     return None
 
 
-def library_path(variant: str = "emulation", directory: Path | None = None) -> Path:
+def _kernel_root(sources: Path | None):
+    """The folder of the kernel sources: ``sources``, else the package's ``prostlab.kernels``."""
+    return Path(sources) if sources is not None else importlib.resources.files("prostlab.kernels")
+
+
+def library_path(variant: str = "emulation", directory: Path | None = None,
+                 sources: Path | None = None) -> Path:
     """Where the library of ``variant`` is cached: a name keyed by a SHA-256 of the compiler
     command, the kernel sources and, for a ``-march=native`` build, :func:`host_cpu`.
+    ``sources``: another folder laid out as ``kernels/`` (an older version, for benchmarks that
+    compare builds); files of :data:`SOURCES` it lacks are left out.
 
     Raises:
         ProstlabError: no C++ compiler.
@@ -106,28 +114,30 @@ def library_path(variant: str = "emulation", directory: Path | None = None) -> P
     digest = hashlib.sha256(" ".join((cxx, *flags)).encode())
     if "-march=native" in flags:
         digest.update(host_cpu().encode())
-    root = importlib.resources.files("prostlab.kernels")
+    root = _kernel_root(sources)
     for name in SOURCES:
-        digest.update(root.joinpath(name).read_bytes())
+        if root.joinpath(name).is_file():
+            digest.update(root.joinpath(name).read_bytes())
     directory = Path(directory) if directory is not None else cache_dir()
     prefix = "prost_host" if variant == "emulation" else f"prost_{variant}"
     return directory / f"{prefix}_{digest.hexdigest()[:16]}.so"
 
 
-def build_host_library(directory: Path | None = None, variant: str = "emulation") -> Path:
+def build_host_library(directory: Path | None = None, variant: str = "emulation",
+                       sources: Path | None = None) -> Path:
     """Compile prost.cu for the host (once per :func:`library_path`) and return the library.
 
-    ``variant`` picks the flags (:data:`VARIANTS`).
+    ``variant`` picks the flags (:data:`VARIANTS`), ``sources`` the kernels (:func:`library_path`).
 
     Raises:
         ProstlabError: no C++ compiler, or the sources do not compile (the message's first line
             quotes the compiler's first error; the full log follows).
     """
-    library = library_path(variant, directory)
+    library = library_path(variant, directory, sources)
     if library.is_file():
         return library
     flags, cxx = VARIANTS[variant], compiler()
-    root = importlib.resources.files("prostlab.kernels")
+    root = _kernel_root(sources)
     with importlib.resources.as_file(root) as kernels:
         kernels = Path(kernels)
         directory = library.parent
@@ -150,9 +160,10 @@ def build_host_library(directory: Path | None = None, variant: str = "emulation"
     return library
 
 
-def load_host_library(directory: Path | None = None, variant: str = "emulation") -> ctypes.CDLL:
+def load_host_library(directory: Path | None = None, variant: str = "emulation",
+                      sources: Path | None = None) -> ctypes.CDLL:
     """The host library of ``variant``, built if needed and loaded once per process."""
-    path = build_host_library(directory, variant)
+    path = build_host_library(directory, variant, sources)
     with _lock:
         if path not in _libraries:
             _libraries[path] = ctypes.CDLL(str(path))
@@ -173,8 +184,9 @@ class HostKernelBackend(KernelBackend):
     variant = "emulation"
     volume_order = "copies"
 
-    def __init__(self, directory: Path | None = None, deterministic: bool = False):
-        self._library = load_host_library(directory, self.variant)
+    def __init__(self, directory: Path | None = None, deterministic: bool = False,
+                 sources: Path | None = None):
+        self._library = load_host_library(directory, self.variant, sources)
         self._entries: dict[str, ctypes._CFuncPtr] = {}
         self._library.prost_host_set_fixed_order.restype = None
         self._library.prost_host_set_fixed_order.argtypes = [ctypes.c_int]
