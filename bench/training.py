@@ -37,9 +37,7 @@ kernel.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
@@ -51,13 +49,13 @@ from torch.utils.data import default_collate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
-    REPO,
     load_average,
     machine_facts,
     markdown_table,
     measure_call,
     median,
 )
+from kernel_builds import kernels_at  # noqa: E402
 from prostlab.data import PoseDataModule  # noqa: E402
 from prostlab.geometry import geodesic_gradient  # noqa: E402
 from prostlab.lightning.augment import TrainingAugmentation  # noqa: E402
@@ -67,7 +65,6 @@ from prostlab.lightning.volume_bank import VolumeBank  # noqa: E402
 from prostlab.projector import projector as projector_module  # noqa: E402
 from prostlab.projector.autograd import every_gradient  # noqa: E402
 from prostlab.projector.backends.cpu_kernels import CpuKernelBackend  # noqa: E402
-from prostlab.projector.backends.host_emulation import SOURCES  # noqa: E402
 from prostlab.similarity import pose_gradient  # noqa: E402
 
 PROJECTOR_EVENTS = ("_Project", "_ProjectBackward", "_ProjectVJPBackward")
@@ -100,19 +97,6 @@ def build(config_path: str, batch: int | None, device: torch.device):
 
 def collate(cases, device: torch.device) -> dict[str, torch.Tensor]:
     return {key: value.to(device) for key, value in default_collate(list(cases)).items()}
-
-
-def kernels_at(revision: str) -> CpuKernelBackend:
-    """The ``cpu`` backend built from ``kernels/`` as of git ``revision`` (files it lacks are
-    left out of the build, as that version did not have them)."""
-    folder = Path(tempfile.mkdtemp(prefix="prostlab-kernels-"))
-    for name in SOURCES:
-        shown = subprocess.run(["git", "show", f"{revision}:kernels/{name}"], cwd=REPO,
-                               capture_output=True)
-        if shown.returncode == 0:
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_bytes(shown.stdout)
-    return CpuKernelBackend(sources=folder)
 
 
 BEFORE_KERNELS: CpuKernelBackend | None = None
