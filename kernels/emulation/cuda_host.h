@@ -26,6 +26,9 @@
 // the OpenMP thread's number, by which the kernels pick a private copy of what they scatter
 // into (prost_common.cuh, "the reductions").
 // prost_host_set_threads(n) sets the number of threads launches use (n <= 0: OpenMP's default).
+// A kernel exported with PROST_HOST_EXPORT_LANES(kernel, lanes_kernel, lanes) runs each block's
+// threads `lanes` at a time instead, one call of lanes_kernel per group (the cpu build's vector
+// lanes: lanes.h).
 //
 // Each kernel listed with PROST_HOST_EXPORT(name) gets an entry point
 //
