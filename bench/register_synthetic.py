@@ -29,12 +29,13 @@ import math
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_facts, markdown_table  # noqa: E402
+from _common import REPO, load_average, machine_facts, markdown_table  # noqa: E402
 from prostlab.data import example_path, load_prepared  # noqa: E402
 from prostlab.data.poses import PoseDistribution, case_generator  # noqa: E402
 from prostlab.geometry import Camera, perturb  # noqa: E402
@@ -74,7 +75,12 @@ def main() -> None:
     parser.add_argument("--target-ct", help="prepared folder the X-rays are rendered from")
     parser.add_argument("--search", action="store_true", help="run the coarse search first")
     parser.add_argument("--out", default="bench/results/register/near")
+    parser.add_argument("--detector", type=int, nargs=2, default=[64, 64],
+                        help="the registration's detector (rows, columns)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     facts = machine_facts()  # the commit that runs, not the one checked out when it ends
 
     moving = load_prepared(example_path())
@@ -97,10 +103,12 @@ def main() -> None:
                 settings = RegisterSettings(
                     xray=xray, ct=example_path(), out=Path(tmp) / "unused", method=method,
                     init=[*torch.rad2deg(start[0, :3]).tolist(), *start[0, 3:].tolist()],
-                    ckpt_path=CKPT if net else None, detector=(64, 64), step=3.5,
+                    ckpt_path=CKPT if net else None, detector=tuple(args.detector), step=3.5,
                     downsample=2, search=args.search)
                 problem = prepare_problem(settings)
+                cpu_start = time.process_time()
                 registration = run(problem, settings.search_space, settings.search)
+                cpu_seconds = time.process_time() - cpu_start
                 final = registration.final[None]
                 error = (final[0, 3:] - gt[0, 3:]).abs()
                 rows.append({
@@ -114,6 +122,7 @@ def main() -> None:
                     "depth_error_mm": float(error[2]),
                     "iterations": registration.result.records[0].n_iterations,
                     "seconds": registration.result.records[0].wall_time,
+                    "cpu_seconds": cpu_seconds,
                 })
                 print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()},
                       flush=True)
@@ -125,7 +134,7 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     keys = ("final_mtre_mm", "final_mpd_mm", "rotation_error_deg", "inplane_error_mm",
-            "depth_error_mm", "seconds")
+            "depth_error_mm", "seconds", "cpu_seconds")
     table = []
     for method in args.methods:
         mine = [r for r in rows if r["method"] == method]
@@ -138,9 +147,11 @@ def main() -> None:
             f"{args.cases} cases; starts {args.rotation_deg} deg and {args.translation_mm} mm "
             f"from the truth{', coarse search first' if args.search else ''} (initial mTRE median "
             f"{statistics.median(r['initial_mtre_mm'] for r in rows):.1f} mm); X-rays rendered "
-            f"from {args.target_ct or 'the bundled cube'}. Medians:\n\n"
+            f"from {args.target_ct or 'the bundled cube'}; detector {args.detector[0]} x "
+            f"{args.detector[1]}, {torch.get_num_threads()} torch thread(s), load average "
+            f"{load_average()} at the end. Medians:\n\n"
             + markdown_table(["method", "mTRE < 2 mm", "mTRE mm", "mPD mm", "rotation deg",
-                              "in-plane mm", "depth mm", "seconds"], table) + "\n")
+                              "in-plane mm", "depth mm", "seconds", "CPU seconds"], table) + "\n")
     (out / "summary.md").write_text(text)
     print(text)
 
