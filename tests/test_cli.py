@@ -286,6 +286,27 @@ def test_library_refuses_bad_mu_water(tmp_path, mu_water):
         prepare_ct(ct, None, tmp_path / "out", size=8, mu_water=mu_water)
 
 
+@pytest.mark.parametrize("mu_water", ["1e9", "0.27"])
+def test_prepare_refuses_mu_water_far_above_waters(tmp_path, capsys, mu_water):
+    """1e9 /mm wrote bone volumes of 2e9 /mm that render refuses; 0.27 is water in 1/cm
+    (probe p27)."""
+    ct, _ = _ct_nifti(tmp_path, labels=False)
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--ct", str(ct), "--out", str(out), "--size", "8",
+                 "--mu-water", mu_water]) == 2
+    assert f"mu_water: {float(mu_water)!r}" in _error(capsys)
+    assert not out.exists()
+
+
+def test_render_refuses_which_bone_of_a_nifti(tmp_path, capsys):
+    """A NIfTI volume has no bones apart: --which bone was ignored and the whole volume rendered
+    (probe r49)."""
+    out = tmp_path / "drr"
+    assert _render(tmp_path, out, "--which", "bone") == 2
+    assert "--which bone: " in _error(capsys)
+    assert not out.exists()
+
+
 def test_render_refuses_a_volume_in_hounsfield_units(tmp_path, capsys):
     import nibabel as nib
 
@@ -330,6 +351,10 @@ def test_prepare_refuses_a_cube_in_which_the_bones_vanish(tmp_path, capsys):
                             "least 8 pixels a side"),
         (["--pixel-spacing", "0.001", "12"], "(--pixel-spacing, or the config's camera): 0.001, "
                                              "12 mm; expected at least 0.01 mm"),
+        # register's bound on an X-ray's camera; rendered without a word (probe r25)
+        (["--sdd", "1e9", "--sid", "620"], "sdd (--sdd, or the config's camera): 1e+09 mm; "
+                                           "expected the source-to-detector distance in mm "
+                                           "within [100, 3000]"),
     ],
 )
 def test_render_refuses_bad_values_before_rendering(tmp_path, capsys, extra, needle):
@@ -474,6 +499,44 @@ def test_ctrl_c_around_a_lightning_command_exits_130_without_a_traceback(capsys,
     monkeypatch.setattr(prostlab.lightning.cli, "run_lightning", _signal_now(2))
     assert main(["test", "--config", "tiny"]) == 130
     assert _error(capsys).startswith("prostlab test: stopped by SIGINT")
+
+
+def test_ctrl_c_while_a_lightning_command_imports_exits_130_without_a_traceback(
+        capsys, monkeypatch, interruptible):
+    """torch and Lightning take seconds to import, and their import was outside the command's
+    handling: a Ctrl-C meanwhile printed a KeyboardInterrupt traceback (probe s10)."""
+    import sys
+    import types
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name):
+            if name != "run_lightning":
+                raise AttributeError(name)
+            _signal_now(2)()
+
+    monkeypatch.setitem(sys.modules, "prostlab.lightning.cli", Importing("prostlab.lightning.cli"))
+    try:
+        code = main(["fit", "--config", "tiny"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C during the imports escaped as a KeyboardInterrupt traceback")
+    assert code == 130
+    assert _error(capsys).startswith("prostlab fit: stopped by SIGINT")
+
+
+def test_ctrl_c_inside_lightnings_loops_exits_130(tmp_path, capsys, monkeypatch, interruptible):
+    """Lightning answers a Ctrl-C inside its loops with sys.exit(1), a failure's status; the
+    command exits 130 as every other command does on Ctrl-C (probes s08, s12)."""
+    import pytorch_lightning as pl
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pl.Trainer, "_run", _signal_now(2))
+    try:
+        code = main(["validate", "--config", "tiny", "--trainer.logger", "false"])
+    except SystemExit as stop:
+        code = stop.code
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "prostlab validate: stopped by SIGINT" in err, err[-2000:]
 
 
 def test_prepare_refuses_a_ct_stored_with_an_offset_or_scaled_attenuation(tmp_path, capsys):

@@ -113,6 +113,56 @@ def test_a_fit_that_trains_nothing_is_refused(tmp_path, capsys, flag):
     assert not (tmp_path / TINY_CHECKPOINTS).exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [(["--trainer.max_steps", "-5"], "`max_steps` must be a non-negative integer"),
+     pytest.param(["--trainer.accelerator", "gpu"], "gpu",
+                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU"))],
+)
+def test_a_setting_lightning_cannot_use_is_one_line(tmp_path, capsys, flags, needle):
+    """Lightning's MisconfigurationException was a traceback (probes f08, f33)."""
+    assert needle in refusal(capsys, "fit", *flags)
+    assert not [path for path in tmp_path.rglob("*") if path.is_file()]
+
+
+def test_a_checkpoint_folder_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    """It trained, then failed at the first last.ckpt with a FileExistsError traceback (f32)."""
+    (tmp_path / TINY_CHECKPOINTS).parent.mkdir(parents=True)
+    (tmp_path / TINY_CHECKPOINTS).write_text("mine\n")
+    line = refusal(capsys, "fit")
+    assert "checkpoint folder (last_checkpoint or ModelCheckpoint) " in line
+    assert f"{TINY_CHECKPOINTS}: is an existing file" in line
+    assert not [path for path in (tmp_path / "runs").rglob("*") if path.is_file()]
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [(["--model.camera.height", "1"], "model.camera height x width: 1 x 16; expected at least 8 "
+                                      "pixels"),
+     (["--model.camera.sdd", "1e9"], "model.camera.sdd: 1e+09 mm; expected the source-to-"
+                                     "detector distance in mm within [100, 3000]")],
+)
+def test_a_camera_that_render_and_register_refuse_is_refused(capsys, flags, needle):
+    """A 1-row or 1000 km model.camera trained without a word (probes f24, f25)."""
+    assert needle in refusal(capsys, "fit", *flags)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--model.benchmark.run_name", "../escape"], ["--model.benchmark.methods", "{x: nosuch}"],
+     ["--model.benchmark.output_dir", "notes.txt"]],
+)
+def test_a_bad_benchmark_setting_is_refused_before_anything_is_written(tmp_path, capsys, flags):
+    """Checked at the test loop's start, these left the logger's W&B run and config.yaml
+    behind (probes t05, t07, t10)."""
+    tiny_model_checkpoint(tmp_path / "model.ckpt")
+    (tmp_path / "notes.txt").write_text("mine\n")
+    line = refusal(capsys, "test", "--ckpt_path", str(tmp_path / "model.ckpt"), *flags)
+    assert "model.benchmark." in line
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["model.ckpt", "notes.txt"]
+
+
 def test_resuming_a_checkpoint_at_max_steps_is_refused(tmp_path, capsys):
     assert main(["fit", "--config", str(TINY), *QUICK, "--trainer.max_steps", "2"]) == 0
     capsys.readouterr()

@@ -159,6 +159,10 @@ def _refused(args: list[str], capsys) -> str:
         (["--detector", "8", "8"], "--xray .*: \\d+ usable pixels .* expected at least 256"),
         (["--detector", "4", "1000"], "detector rows x columns \\(--detector, .*\\): 4 x 1000; "
                                       "expected at least 8 pixels a side"),
+        # numpy's MemoryError and torch's AssertionError tracebacks (probes x31, x48)
+        (["--detector", "100000", "100000"], "100000 x 100000: one DRR of it needs about .* "
+                                             "of memory, more than"),
+        (["--device", "cuda:7"], "--device 'cuda:7': "),
     ],
 )
 def test_register_refuses_bad_settings_in_one_line_and_writes_nothing(xray, tmp_path, capsys,

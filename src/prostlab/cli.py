@@ -453,26 +453,44 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prostlab`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-        from prostlab.lightning.cli import run_lightning
-
         try:
+            # Imported here, inside the handling: torch and Lightning take seconds to import,
+            # and a Ctrl-C meanwhile printed a KeyboardInterrupt traceback.
+            from prostlab.lightning.cli import run_lightning
+
             from_command_line = argv == sys.argv[1:]
             argv = _shipped_configs(argv)
             if from_command_line:  # LightningCLI reads sys.argv itself (it warns if given both)
                 sys.argv[1:] = argv
             run_lightning(argv)
+        except KeyboardInterrupt:  # outside Lightning's own handling (imports, setup, summary)
+            return _stopped(argv[0], signal.SIGINT)
         except ProstlabError as exc:
             print(f"prostlab {argv[0]}: error: {exc}", file=sys.stderr)
             return 2
-        except SIGTERMException:
-            # Lightning stops at a step's end and (fit) last.ckpt is written; it then raises a
-            # SystemExit of status 0, which a batch scheduler would read as success.
-            print(f"prostlab {argv[0]}: stopped by SIGTERM", file=sys.stderr)
-            return 128 + signal.SIGTERM
-        except KeyboardInterrupt:  # outside Lightning's own handling (setup, the summary)
-            return _stopped(argv[0], signal.SIGINT)
+        except SystemExit as exc:
+            from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+            if isinstance(exc, SIGTERMException):
+                # Lightning stops at a step's end and (fit) last.ckpt is written; it then raises
+                # a SystemExit of status 0, which a batch scheduler would read as success.
+                print(f"prostlab {argv[0]}: stopped by SIGTERM", file=sys.stderr)
+                return 128 + signal.SIGTERM
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                # Lightning answers a Ctrl-C inside its loops (after its clean-up and, in fit,
+                # last.ckpt) with sys.exit(1), the status of a failure, not of a stop.
+                print(f"prostlab {argv[0]}: stopped by SIGINT", file=sys.stderr)
+                return 128 + signal.SIGINT
+            raise
+        except Exception as exc:
+            from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+            if not isinstance(exc, MisconfigurationException):
+                raise
+            # Lightning's word for a setting it cannot use (--trainer.accelerator gpu on a
+            # machine without one, --trainer.max_steps -5): raised before anything is written.
+            print(f"prostlab {argv[0]}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
         return 0
     args = _parser().parse_args(argv)
     args.argv = argv

@@ -34,6 +34,11 @@ MIN_GRID_SIDE = 8
 cube's voxels per edge (``prepare --size``). The coarsest in use are 16 (the tests) and 64 (a
 registration detector); an image or a cube coarser than 8 shows no anatomy."""
 
+SDD_RANGE_MM = (100.0, 3000.0)
+"""Plausible source-to-detector distances: C-arms sit near 1000 mm, radiography stands up to
+1800 mm (a chest film); a value outside is a wrong unit (cm, m) or a broken header. Every camera
+a command builds is held to it: an X-ray's (``register``), ``render``'s and ``model.camera``."""
+
 MIN_SPACING_MM = 0.01
 """Finest pixel or voxel, mm: a detector's pixel (``render`` and ``register --pixel-spacing``, a
 config's camera) and a prepared cube's voxel (``prepare --side-mm`` over ``--size``). 10 um is
@@ -156,6 +161,18 @@ def check_grid_side(sides: Sequence[int], what: str, unit: str) -> None:
         )
 
 
+def check_sdd_mm(sdd: float, what: str) -> None:
+    """Refuse a source-to-detector distance (mm) outside :data:`SDD_RANGE_MM`; ``what`` names
+    the setting and its flags. ``render --sdd 1e9`` and ``model.camera.sdd: 1e9`` ran without a
+    word, where ``register`` refuses such a camera."""
+    low, high = SDD_RANGE_MM
+    if not low <= sdd <= high:
+        raise ProstlabError(
+            f"{what}: {sdd:g} mm; expected the source-to-detector distance in mm within "
+            f"[{low:g}, {high:g}] (a wrong unit?)"
+        )
+
+
 def check_spacing_mm(spacing: Sequence[float], what: str) -> None:
     """Refuse pixel or voxel sizes (mm) that are not finite or are finer than
     :data:`MIN_SPACING_MM`; ``what`` names the setting and its flags."""
@@ -170,9 +187,11 @@ def check_spacing_mm(spacing: Sequence[float], what: str) -> None:
 __all__ = [
     "MIN_GRID_SIDE",
     "MIN_SPACING_MM",
+    "SDD_RANGE_MM",
     "available_bytes",
     "check_grid_side",
     "check_memory",
+    "check_sdd_mm",
     "check_spacing_mm",
     "format_bytes",
     "resolve_device",

@@ -6,7 +6,9 @@ vector in degrees (axis times angle, docs/geometry.md) and ``(tx, ty, tz)`` a tr
 Refused before rendering: a NIfTI volume with attenuation below :data:`MIN_MU` (it looks like a
 CT in Hounsfield units) or above :data:`MAX_MU` (a CT with a +1024 offset, an attenuation scaled
 to integers), a detector of fewer than :data:`~prostlab.limits.MIN_GRID_SIDE` pixels a side or
-of pixels finer than :data:`~prostlab.limits.MIN_SPACING_MM` (:func:`check_detector`), a pose
+of pixels finer than :data:`~prostlab.limits.MIN_SPACING_MM`, a source-to-detector distance
+outside :data:`~prostlab.limits.SDD_RANGE_MM` (:func:`check_detector`), ``--which bone`` of a
+NIfTI volume (which has no bones apart), a pose
 that puts the volume's centre outside the beam (:func:`~prostlab.geometry.check_pose_in_beam`,
 as ``register --init``), a batch size below 1, a device this machine lacks
 (:func:`prostlab.limits.resolve_device`), a job whose memory estimate
@@ -30,7 +32,13 @@ from prostlab.csv_table import csv_rows
 from prostlab.data import Volume, load_image, load_prepared
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera, check_pose_in_beam
-from prostlab.limits import check_grid_side, check_memory, check_spacing_mm, resolve_device
+from prostlab.limits import (
+    check_grid_side,
+    check_memory,
+    check_sdd_mm,
+    check_spacing_mm,
+    resolve_device,
+)
 from prostlab.outputs import atomic_path, record_outputs
 from prostlab.projector import Projector
 from prostlab.projector.rays import check_samples_per_ray
@@ -112,6 +120,11 @@ def load_volume(path: str | Path, which: str = "ct") -> Volume:
             return prepared.bone
         return prepared.ct
     array, affine = load_image(path)
+    if which == "bone":  # it was ignored: the whole volume rendered as if it were the bones
+        raise ProstlabError(
+            f"--which bone: {path} is one volume of attenuation, with no bones apart; expected "
+            "a `prostlab prepare` folder (its bone_mu.nii.gz), or --which ct"
+        )
     highest = float(array.max())
     if highest > MAX_MU:
         raise ProstlabError(
@@ -132,12 +145,14 @@ def load_volume(path: str | Path, which: str = "ct") -> Volume:
 
 def check_detector(camera: Camera) -> None:
     """Refuse a detector of fewer than :data:`~prostlab.limits.MIN_GRID_SIDE` pixels along a
-    side, or of pixels finer than :data:`~prostlab.limits.MIN_SPACING_MM`: ``--height 1`` or
-    ``--pixel-spacing 0.0001`` rendered an image of nothing without a word."""
+    side, of pixels finer than :data:`~prostlab.limits.MIN_SPACING_MM`, or at a distance
+    outside :data:`~prostlab.limits.SDD_RANGE_MM`: ``--height 1`` or ``--pixel-spacing 0.0001``
+    rendered an image of nothing without a word, ``--sdd 1e9`` a camera 1000 km long."""
     check_grid_side((camera.height, camera.width),
                     "detector rows x columns (--height, --width, or the config's camera)", "pixels")
     check_spacing_mm(camera.pixel_spacing,
                      "pixel_spacing (--pixel-spacing, or the config's camera)")
+    check_sdd_mm(camera.sdd, "sdd (--sdd, or the config's camera)")
 
 
 def render_memory_bytes(

@@ -24,6 +24,11 @@ from prostlab.errors import ProstlabError
 MU_WATER = 0.02683
 """Linear attenuation of water in 1/mm (ProST's value)."""
 
+MAX_MU_WATER = 0.2
+"""Highest attenuation of water (1/mm) accepted: water attenuates about 0.02 /mm at diagnostic
+energies (60-80 keV) and 0.08 /mm at 20 keV (mammography). Above is a wrong unit (1/cm gives
+0.27) or a typo: ``--mu-water 1e9`` made bone volumes of 2e9 /mm that ``render`` refuses."""
+
 HU_AIR = -1000.0
 """Air in Hounsfield units, by definition."""
 
@@ -34,21 +39,23 @@ ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 def check_mu_water(mu_water: float, mu_air: float = 0.0) -> float:
-    """Return ``mu_water`` as a float if it is a finite attenuation above ``mu_air`` (1/mm).
+    """Return ``mu_water`` as a float if it is a finite attenuation above ``mu_air`` (1/mm) and
+    at most :data:`MAX_MU_WATER`.
 
     A NaN ``mu_water`` would make every voxel NaN, and one at or below ``mu_air`` (e.g. negative)
-    maps all tissue to at most air, so the bones vanish; both are refused with a
-    ``ProstlabError``.
+    maps all tissue to at most air, so the bones vanish; one far above water's (1e9) makes a
+    volume no X-ray could cross. All are refused with a ``ProstlabError``.
     """
     ok = (
         isinstance(mu_water, Real) and not isinstance(mu_water, bool)
         and isinstance(mu_air, Real) and math.isfinite(mu_water) and math.isfinite(mu_air)
-        and mu_air >= 0 and mu_water > mu_air
+        and mu_air >= 0 and mu_air < mu_water <= MAX_MU_WATER
     )
     if not ok:
         raise ProstlabError(
             f"mu_water: {mu_water!r} (mu_air {mu_air!r}); expected a finite attenuation of water "
-            f"in 1/mm, above mu_air >= 0 (ProST: {MU_WATER})"
+            f"in 1/mm, above mu_air >= 0 and at most {MAX_MU_WATER:g} (ProST: {MU_WATER}; a "
+            "value in 1/cm is ten times too large)"
         )
     return float(mu_water)
 

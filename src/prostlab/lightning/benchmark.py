@@ -286,6 +286,21 @@ class BenchmarkLoop:
         write_benchmark(self, rows, outcomes)
 
 
+def check_benchmark_settings(module) -> BenchmarkConfig:
+    """Check ``module``'s benchmark settings (every key, the methods' schedules, ``run_name``)
+    and that ``output_dir`` is a writable folder, creating it.
+
+    ``prostlab test`` calls this before the test starts, so a refusal writes nothing: checked at
+    the test loop's start only, a bad ``run_name`` or method, or an ``output_dir`` that is a
+    file, left the logger's W&B run and ``config.yaml`` behind. The loop checks again, for
+    ``Trainer.test`` from Python.
+    """
+    bench = BenchmarkConfig.from_config(module.hparams.benchmark)
+    bench.schedules()
+    check_writable_dir(bench.output_dir, "model.benchmark.output_dir")
+    return bench
+
+
 def check_trained_network(module, ckpt_path: str | None) -> None:
     """Refuse to benchmark a method with a ``net`` stage when ``module`` has no trained weights:
     no ``ckpt_path`` and no ``model.init_weights``.
@@ -317,4 +332,4 @@ def _gathered(items: list) -> list:
 
 
 __all__ = ["BenchmarkConfig", "BenchmarkLoop", "CaseOutcome", "case_rows",
-           "check_trained_network"]
+           "check_benchmark_settings", "check_trained_network"]

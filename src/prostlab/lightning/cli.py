@@ -29,10 +29,11 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from prostlab.data import PoseDataModule
 from prostlab.errors import ProstlabError
-from prostlab.lightning.benchmark import check_trained_network
+from prostlab.lightning.benchmark import check_benchmark_settings, check_trained_network
 from prostlab.lightning.checkpoint import check_compatible, read_checkpoint
 from prostlab.lightning.last_checkpoint import MOVED_PREFIX, LastCheckpoint
 from prostlab.lightning.training import ConvexSimilarityModule
+from prostlab.outputs import check_writable_dir
 
 TRAINER_DEFAULTS = {
     # Validation and the benchmark differentiate the similarity: no inference mode.
@@ -208,10 +209,15 @@ class _ProstlabCLI(LightningCLI):
         checkpoint = self._check_checkpoint()
         _check_something_to_train(self.trainer, checkpoint,
                                   self.config_init[self.subcommand].get("ckpt_path"))
+        # A folder that is a file, or not writable, failed with a traceback at the first save.
+        for folder in _checkpoint_folders(self.trainer, check_save_last=False):
+            check_writable_dir(folder, "checkpoint folder (last_checkpoint or ModelCheckpoint)")
 
     def before_test(self) -> None:
         self._check_checkpoint()
         check_trained_network(self.model, self.config_init[self.subcommand].get("ckpt_path"))
+        # Every benchmark setting, then the output folder: refused before the logger writes.
+        check_benchmark_settings(self.model)
 
     before_validate = _check_checkpoint
 

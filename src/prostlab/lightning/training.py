@@ -32,6 +32,7 @@ from prostlab.lightning.checkpoint import load_net_weights
 from prostlab.lightning.optim import build_optimizer, build_scheduler
 from prostlab.lightning.panels_log import log_panels
 from prostlab.lightning.volume_bank import VolumeBank
+from prostlab.limits import check_grid_side, check_sdd_mm, check_spacing_mm
 from prostlab.metrics import MeanTargetRegistrationError, SuccessRate
 from prostlab.projector import Projector
 from prostlab.registration import as_schedule, register
@@ -92,6 +93,11 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.camera = Camera.from_dict(camera)
+        # As render and register refuse them: a 1-row detector trained without a word.
+        check_grid_side((self.camera.height, self.camera.width),
+                        "model.camera height x width", "pixels")
+        check_spacing_mm(self.camera.pixel_spacing, "model.camera.pixel_spacing")
+        check_sdd_mm(self.camera.sdd, "model.camera.sdd")
         self.net = ConvexSimilarityNet(
             Projector(self.camera, step=step, backend=backend), **(net or {})
         )

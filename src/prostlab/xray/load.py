@@ -36,7 +36,7 @@ from prostlab.data.detector import (
 )
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera
-from prostlab.limits import MIN_SPACING_MM
+from prostlab.limits import MIN_SPACING_MM, SDD_RANGE_MM
 from prostlab.xray.dicom_xray import is_dicom, read_dicom_xray
 from prostlab.xray.image_file import IMAGE_SUFFIXES, image_format, read_image_file
 from prostlab.xray.raw import FileValue, RawXRay
@@ -50,10 +50,6 @@ _CAMERA_WORDS = {
     "sid": "the source-to-isocentre (patient) distance in mm",
     "pixel_spacing": "the detector pixel spacing (rows, columns) in mm",
 }
-
-SDD_RANGE_MM = (100.0, 3000.0)
-"""Plausible source-to-detector distances: C-arms sit near 1000 mm, radiography stands up to
-1800 mm (a chest film); a value outside is a wrong unit (cm, m) or a broken header."""
 
 PIXEL_SPACING_RANGE_MM = (MIN_SPACING_MM, 10.0)
 """Plausible detector pixel sizes: flat panels have 0.07-0.2 mm pixels, binned modes up to

@@ -46,10 +46,11 @@ from prostlab.geometry import (
     pose_to_matrix,
     so3_exp,
 )
-from prostlab.limits import check_grid_side
+from prostlab.limits import check_grid_side, check_memory, resolve_device
 from prostlab.projector import Projector
 from prostlab.registration import Schedule, as_schedule, register
 from prostlab.registration.search import SearchSpace, coarse_search
+from prostlab.render import render_memory_bytes
 from prostlab.similarity.objective import make_objective
 
 EULER_CONVENTION = "xyz"
@@ -298,6 +299,7 @@ def prepare_problem(settings: RegisterSettings) -> Problem:
     have been read."""
     from prostlab.xray import load_xray
 
+    device = resolve_device(settings.device, "--device")  # cuda:7 raised torch's AssertionError
     schedule = as_schedule(settings.method)
     uses_net = any(stage.similarity == "net" for stage in schedule.stages)
     if uses_net and settings.ckpt_path is None:
@@ -311,8 +313,11 @@ def prepare_problem(settings: RegisterSettings) -> Problem:
                       trained and (trained.height, trained.width),
                       ("height" in defaults and (defaults["height"], defaults["width"])) or None,
                       DEFAULT_DETECTOR)
-    check_grid_side(tuple(detector), "detector rows x columns (--detector, or the checkpoint's "
-                    "or the config's camera)", "pixels")
+    what = "detector rows x columns (--detector, or the checkpoint's or the config's camera)"
+    check_grid_side(tuple(detector), what, "pixels")
+    # Before the X-ray is fitted to it: --detector 100000 100000 raised numpy's MemoryError.
+    check_memory(render_memory_bytes(1, 1, 1, detector[0] * detector[1])[1], device,
+                 f"{what}: {detector[0]} x {detector[1]}: one DRR of it")
     step = float(_first(settings.step, saved.get("step"), defaults.get("step"), DEFAULT_STEP_MM))
     downsample = int(_first(settings.downsample, defaults.get("downsample"), 1))
     if downsample < 1:
@@ -350,7 +355,6 @@ def prepare_problem(settings: RegisterSettings) -> Problem:
     if uses_net and bone_volume is None:
         raise ProstlabError(f"--ct {settings.ct}: has no segmented bones, which the network "
                             "renders; expected a prepared folder with bone_mu.nii.gz, or a raw CT")
-    device = torch.device(settings.device)
     projector = Projector(xray.camera, step=step, backend=settings.backend)
     net = None
     if uses_net:
