@@ -149,7 +149,7 @@ def test_the_shipped_overlays(capsys):
     assert spine["model"]["benchmark"] == cpu["model"]["benchmark"]
 
     patients = stacked("cpu", "patients", command="fit")
-    assert patients["model"]["scheduler"]["T_max"] == patients["trainer"]["max_steps"] == 2500
+    assert patients["model"]["scheduler"]["T_max"] == patients["trainer"]["max_steps"] == 6000
     assert patients["data"]["train_curriculum"] == {"start": 0.25, "samples": 2400}
     assert len(patients["data"]["volumes"]) == 5
     assert patients["model"]["augmentation"] == cpu["model"]["augmentation"]
