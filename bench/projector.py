@@ -3,9 +3,11 @@ DiffDRR, on CTs of the sizes users have, with the share of the memory bandwidth 
 
     python bench/projector.py [--quick] [--threads 1] [--volumes full 256 128]
         [--detectors 128 256 512] [--backends cpu torch] [--passes forward fwd+bwd]
-        [--ct PATH] [--full] [--out bench/results/projector_cpu.md]
+        [--ct PATH [PATH ...]] [--views AP lateral axial oblique30 oblique60 rotated]
+        [--full] [--out bench/results/projector_cpu.md]
 
-(the rotated pose is only cross-checked, not timed, on detectors above 128², unless ``--full``).
+(the rotated pose is only cross-checked, not timed, on detectors above 128², unless ``--full``;
+every view is timed on every detector).
 
 Installing the peers (they are optional; a missing one is reported as "not installed"). Neither
 may replace the torch build you have, so check first:
@@ -21,20 +23,31 @@ may replace the torch build you have, so check first:
                                        # `from diffdrr.data import read` do import; use
                                        # --no-deps for any that would pull torch/torchvision
 
-What is measured, for each volume, each detector, each pose (identity, and a rotated and
-shifted one) and each library (prostlab with each of ``--backends``, and the peers):
+What is measured, for each CT, each of its volumes, each detector, each view and each library
+(prostlab with each of ``--backends``, and the peers):
 
-* Volumes (``--volumes``). ``full``: the CT of ``--ct`` (default
-  ``../shared/data/chest_ct/ct.nii.gz`` beside the repository: 512 x 512 x 133 voxels of 0.703 x
-  0.703 x 2.5 mm, 133 MiB as float32) as stored: its array axes and spacing, HU to mu by
-  ``prostlab.data.intensity`` (``fill_outside_fov``, then ``hu_to_mu``), not resampled. ``256``:
-  the same CT prepared like the bundled cube (``prostlab.data.prepare_ct``: LIP, centred on the
-  bones, a 332.5 mm cube) at 256^3 (1.3 mm, 64 MiB), built once into
-  ``cache/bench_projector/``. ``128``: the bundled 128^3 cube (2.6 mm, 8 MiB). Without the CT,
-  ``full`` and ``256`` are skipped with a note. The identity pose is an AP view of every volume:
-  the prepared cubes are LIP, and the stored CT's pose is turned by ``ap_view`` first, so the rays
-  cross its voxels as in an AP radiograph (along its second, anterior, array axis), not along its
-  slices.
+* CTs (``--ct``, one or more; default ``../shared/data/chest_ct/ct.nii.gz`` beside the
+  repository: 512 x 512 x 133 voxels of 0.703 x 0.703 x 2.5 mm, 133 MiB as float32). Rows are
+  labelled by the CT's folder name (``chest_ct``); the shared CTs are stored LAS, LPS or RAS, in
+  slices of 0.7 to 5 mm (../shared/data/README.md).
+* Volumes (``--volumes``), for each CT. ``full``: the CT as stored: its array axes and spacing, HU
+  to mu by ``prostlab.data.intensity`` (``fill_outside_fov``, then ``hu_to_mu``), not resampled.
+  ``256`` and ``128``: the same CT prepared like the bundled cube (``prostlab.data.prepare_ct``:
+  LIP, centred on the bones, from its labels.nii.gz when one lies beside it, else by a HU
+  threshold) at 256^3 or 128^3, built once into ``cache/bench_projector/``; ``128`` is the
+  bundled cube itself (data/chest_ct_128, 2.6 mm, 8 MiB) for the CT it was prepared from (the
+  sha256 in its meta.json). Without the CT, ``full`` and ``256`` are skipped with a note and
+  ``128`` is the bundled cube (or a phantom).
+* Views (``--views``; ``--poses`` is the same flag, ``identity`` the same as ``AP``), each a pose
+  (omega rad, t mm) applied after the volume's base rotation, the AP view ``ap_view``: the
+  prepared cubes are LIP, and a stored CT's pose is turned by ``ap_view`` first, so that in every
+  volume the camera's x, y and z run along the patient's left (right for a stored CT whose axes
+  are a mirror of LIP, as LAS), inferior and posterior axes, and the rays cross its voxels as in
+  an AP radiograph. From there, the y axis is the patient's long axis: ``lateral`` turns 90
+  degrees about it (rays along the left-right axis), ``oblique30`` and ``oblique60`` 30 and 60
+  degrees, and ``axial`` turns 90 degrees about x so that the rays run along the long axis from
+  head to foot (across the slices of a stored CT). ``rotated`` is not a view: 36 degrees mostly
+  about the long axis, a tilt and a shift, only cross-checked above 128² unless ``--full``.
 * Detectors (``--detectors``): 128^2 at 2.92 mm, 256^2 at 1.46 mm and 512^2 at 0.73 mm, one
   373.8 mm field: ProST's pelvis camera, sdd 1020 mm, sid 620 mm.
 * Passes (``--passes``, default ``forward fwd+bwd``):
@@ -114,10 +127,11 @@ from the installed sources, nanodrr 0.1.7 and diffdrr 0.6.1, and is checked by t
   takes camera to volume frame. nanodrr wants camera-to-world ``rt_inv = W_v M``. DiffDRR builds
   camera-to-world as ``pose @ reorient`` (``Detector.forward``: ``reorient.compose(pose)``), so its
   pose matrix is ``W_v M F reorient^T`` (``reorient`` of ``orientation="AP"``). ``M`` includes
-  the volume's base rotation ``B`` (``E = [R B | t + sid e_z]``). For our identity pose on a
-  LIP cube these are exactly the peers' own AP set-ups: nanodrr's ``make_rt_inv(rotation=0,
-  translation=(0, sid, 0), orientation="AP", isocenter=subject.isocenter)`` (asserted below) and
-  DiffDRR's ``rotation=0, translation=(0, sid, 0)`` (source ``sid`` mm anterior of the centre).
+  the volume's base rotation ``B`` (``E = [R B | t + sid e_z]``). For our AP view (the zero
+  pose) on a LIP cube these are exactly the peers' own AP set-ups: nanodrr's
+  ``make_rt_inv(rotation=0, translation=(0, sid, 0), orientation="AP",
+  isocenter=subject.isocenter)`` (asserted below) and DiffDRR's ``rotation=0,
+  translation=(0, sid, 0)`` (source ``sid`` mm anterior of the centre).
   The maps are torch ops on the pose tensor, so gradients reach the same (B, 6) pose everywhere.
 * The samples. nanodrr clips each ray to the same support as ours (one voxel beyond the outer
   voxel centres) and puts ``n`` samples at the midpoints of ``n`` equal parts of the clipped
@@ -133,6 +147,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -159,11 +174,21 @@ STEP_VARIABLE = "PROSTLAB_BENCH_STEP"  # --step, passed on to the worker process
 STEP = float(os.environ.get(STEP_VARIABLE, 1.75))  # mm between samples along a ray
 DETECTORS = {128: 2.92, 256: 1.46, 512: 0.73}  # pixels -> pixel spacing (mm): one 373.8 mm field
 VOLUMES = ("full", "256", "128")
+# Poses (omega rad, t mm) after the AP view (module docstring, "Views"): camera x, y, z along the
+# patient's left, inferior (the long axis) and posterior.
+VIEWS = {
+    "AP": (0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    "lateral": (0.0, math.pi / 2, 0.0, 0.0, 0.0, 0.0),  # rays along the left-right axis
+    "axial": (math.pi / 2, 0.0, 0.0, 0.0, 0.0, 0.0),  # rays along the long axis, head to foot
+    "oblique30": (0.0, math.pi / 6, 0.0, 0.0, 0.0, 0.0),
+    "oblique60": (0.0, math.pi / 3, 0.0, 0.0, 0.0, 0.0),
+}
 POSES = {
-    "identity": (0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    **VIEWS,
     # 36 degrees mostly about the vertical (image-row) axis, plus a tilt and a shift
     "rotated": (0.2, 0.6, 0.1, 10.0, -5.0, 20.0),
 }
+POSE_ALIASES = {"identity": "AP"}  # the name of the AP view before there were others
 # Bytes of volume data a pass reads or writes per trilinear sample (module docstring, "Bytes").
 BYTES_PER_SAMPLE = {"forward": 32, "fwd+bwd": 64, "fwd+bwd+2nd": 160}
 PASSES = tuple(BYTES_PER_SAMPLE)
@@ -173,7 +198,9 @@ PEER_PACKAGES = {"nanodrr": "nanodrr", "diffdrr": "diffdrr"}
 DEFAULT_CT = REPO.parent / "shared" / "data" / "chest_ct" / "ct.nii.gz"
 CACHE = REPO / "cache" / "bench_projector"
 NCC_TARGET = 0.99999
-# Issue 12's targets against nanodrr's torch backend: speed (peer ms / ours) and peak memory.
+NCC_WRONG = 0.999  # below this, a peer's image is not the same view: the run stops before timing
+# Issue 12's targets against nanodrr's torch backend (issue 20's too, for the cpu backend, on
+# every view and CT): speed (peer ms / ours) and peak memory.
 SPEED_TARGETS = {"cpu": {"forward": 3.0, "fwd+bwd": 3.0}, "torch": {"forward": 1.0, "fwd+bwd": 1.0}}
 MEMORY_TARGETS = {"cpu": 0.5}
 STREAM_BYTES = 256 * 2 ** 20  # per array of the bandwidth probe, at least 8 x the last-level cache
@@ -181,23 +208,33 @@ WORKER_TIMEOUT_S = 900
 
 
 # ------------------------------------------------------------------------------------- data
-def load_volumes(names, ct_path: Path) -> tuple[dict, dict]:
-    """The benchmark's volumes by name, and a note for each one that cannot be made here.
+def ct_label(ct_path: Path) -> str:
+    """How rows name a CT: its folder's name (``chest_ct`` for ``.../chest_ct/ct.nii.gz``), or
+    the DICOM folder's own."""
+    ct_path = Path(ct_path)
+    return ct_path.name if ct_path.is_dir() else ct_path.resolve().parent.name
+
+
+def load_volumes(names, ct_paths) -> tuple[dict, dict]:
+    """The benchmark's volumes keyed ``(CT label, volume name)``, and a note for each one that
+    cannot be made here.
 
     Each volume is a dict: ``volume`` (1, 1, D, H, W) mu, ``spacing`` (mm, array axes),
     ``affine`` (index to world, as the peers get it), ``base`` (3, 3) the camera-from-volume
-    rotation of the identity pose (an AP view, see ``ap_view``) and ``description``.
+    rotation of the AP view (see ``ap_view``) and ``description``.
     """
     volumes, skipped = {}, {}
-    for name in names:
-        if name == "128":
-            volumes[name] = bundled_cube(ct_path)
-        elif not ct_path.is_file():
-            skipped[name] = f"{ct_path} not found (--ct)"
-        elif name == "full":
-            volumes[name] = full_ct(ct_path)
-        else:
-            volumes[name] = prepared_cube(ct_path, int(name))
+    for ct_path in ct_paths:
+        label = ct_label(ct_path)
+        for name in names:
+            if name == "128":
+                volumes[label, name] = bundled_cube(ct_path)
+            elif not ct_path.is_file():
+                skipped[label, name] = f"{ct_path} not found (--ct)"
+            elif name == "full":
+                volumes[label, name] = full_ct(ct_path)
+            else:
+                volumes[label, name] = prepared_cube(ct_path, int(name))
     return volumes, skipped
 
 
@@ -210,7 +247,10 @@ def _entry(volume, spacing, affine, description, base=None) -> dict:
 
 
 def bundled_cube(ct_path: Path) -> dict:
-    """The bundled 128^3 chest CT (LIP); else ``ct_path`` prepared to 128^3; else a phantom."""
+    """The bundled 128^3 chest CT (LIP) if it was prepared from ``ct_path`` (the sha256 in its
+    meta.json) or ``ct_path`` is missing; else ``ct_path`` prepared to 128^3; else a phantom."""
+    import hashlib
+
     import numpy as np
     import torch
 
@@ -218,6 +258,12 @@ def bundled_cube(ct_path: Path) -> dict:
 
     example = REPO / "data" / "chest_ct_128"
     if (example / "meta.json").is_file():
+        source = json.loads((example / "meta.json").read_text())["sources"]["ct"]["sha256"]
+        bundled = not ct_path.is_file() or (
+            hashlib.sha256(ct_path.read_bytes()).hexdigest() == source)
+    else:
+        bundled = False
+    if bundled:
         ct = pdata.load_prepared(pdata.example_path()).ct
         return _entry(ct.data[None].float(), ct.spacing, ct.affine,
                       "bundled example data/chest_ct_128 (ct_mu, 128^3, 2.598 mm, LIP)")
@@ -263,7 +309,7 @@ def full_ct(ct_path: Path) -> dict:
 
     Its volume frame is the centred index frame (mm along the array axes), and so is the world
     the peers get: ``affine = V^-1`` (module docstring), so ``W_v`` is the identity. The
-    identity pose is turned by ``base`` into an AP view of the stored axes (``ap_view``).
+    zero pose is turned by ``base`` into an AP view of the stored axes (``ap_view``).
     """
     import numpy as np
     import torch
@@ -420,7 +466,7 @@ def make_renderer(lib: str, vol: dict, pixels: int, n_peer: int,
         drr = DRR.from_carm_intrinsics(SDD, du, dv, 0.0, 0.0, pixels, pixels)
         W_v = world_from_volume(subject.voxel_to_world.double().numpy(), volume.shape[2:],
                                 spacing)
-        if anatomical:  # our identity pose is nanodrr's AP set-up (source sid mm anterior)
+        if anatomical:  # our zero pose is nanodrr's AP set-up (source sid mm anterior)
             ours = W_v @ camera_to_volume(cam, zero, base)
             theirs = make_rt_inv(torch.zeros(1, 3, dtype=torch.float64),
                                  torch.tensor([[0.0, SID, 0.0]], dtype=torch.float64), "AP",
@@ -669,14 +715,18 @@ def main(argv=None) -> int:
                         help="seconds of timed calls per case: fewer repeats (at least 1) when "
                              "the first warm-up call says they would not fit")
     parser.add_argument("--volumes", nargs="+", default=list(VOLUMES), choices=list(VOLUMES),
-                        help="full: the CT of --ct as stored; 256: it prepared to 256^3; 128: "
-                             "the bundled 128^3 cube")
-    parser.add_argument("--ct", type=Path, default=DEFAULT_CT,
-                        help="the CT (HU, NIfTI or DICOM folder) of the full and 256 volumes "
+                        help="of each CT: full: as stored; 256, 128: prepared to 256^3, 128^3 "
+                             "(128: the bundled cube for the CT it was made from)")
+    parser.add_argument("--ct", type=Path, nargs="+", default=[DEFAULT_CT],
+                        help="the CTs (HU NIfTI files), labelled by their folder's name "
                              "(default: ../shared/data/chest_ct/ct.nii.gz beside the repo)")
     parser.add_argument("--detectors", type=int, nargs="+", default=list(DETECTORS),
                         choices=list(DETECTORS))
-    parser.add_argument("--poses", nargs="+", default=list(POSES), choices=list(POSES))
+    parser.add_argument("--views", "--poses", nargs="+", default=list(VIEWS),
+                        choices=list(POSES) + list(POSE_ALIASES),
+                        help="poses after the AP view (default: the views "
+                             + ", ".join(VIEWS) + "); rotated: 36 degrees, a tilt and a shift; "
+                             "identity: AP")
     parser.add_argument("--full", action="store_true",
                         help="also time the rotated pose on detectors above 128² (by default "
                              "it is only cross-checked there)")
@@ -702,6 +752,10 @@ def main(argv=None) -> int:
                         help="save a PNG of the DRRs of each cross-check case here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.views = list(dict.fromkeys(POSE_ALIASES.get(v, v) for v in args.views))
+    labels = [ct_label(path) for path in args.ct]
+    if len(set(labels)) < len(labels):
+        parser.error(f"--ct: two CTs in folders of the same name ({', '.join(labels)})")
     if args.step is not None:
         STEP = args.step
         os.environ[STEP_VARIABLE] = repr(args.step)
@@ -742,47 +796,56 @@ def main(argv=None) -> int:
         return 1
 
     volumes, skipped = load_volumes(args.volumes, args.ct)
-    for name, why in skipped.items():
-        print(f"volume {name}: skipped, {why}")
+    for (ct, name), why in skipped.items():
+        print(f"{ct} {name}: skipped, {why}")
     tmp = Path(tempfile.mkdtemp(prefix="prostlab-bench-"))
     data_files = {}
-    for name, vol in volumes.items():
-        data_files[name] = tmp / f"volume_{name}.pt"
-        torch.save(vol, data_files[name])
-        print(f"volume {name}: {vol['description']}, shape {tuple(vol['volume'].shape)}")
+    for (ct, name), vol in volumes.items():
+        data_files[ct, name] = tmp / f"volume_{ct}_{name}.pt"
+        torch.save(vol, data_files[ct, name])
+        print(f"{ct} {name}: {vol['description']}, shape {tuple(vol['volume'].shape)}, "
+              f"{vol['volume'].numel() * 4 / 2 ** 20:.0f} MiB as float32")
 
-    # Sample counts and the image cross-check, in this process.
-    counts, checks = {}, {}
-    for name, vol in volumes.items():
+    # Sample counts and the image cross-check, in this process. A peer whose image is not the
+    # same view (NCC below NCC_WRONG: a wrong mapping of the pose) stops the run before timing.
+    counts, checks, wrong = {}, {}, []
+    for (ct, name), vol in volumes.items():
         for pixels in args.detectors:
-            for pose_name in args.poses:
+            for pose_name in args.views:
                 cam = camera(pixels)
                 pose = torch.tensor([POSES[pose_name]])
                 total, mean, most, hit = sample_counts(cam, vol, pose)
                 n_peer = max(2, round(mean))
-                case = (name, pixels, pose_name)
+                case = (ct, name, pixels, pose_name)
                 counts[case] = {"total": total, "mean": mean, "max": most, "hit": hit,
                                 "n_peer": n_peer, "rays": pixels * pixels}
                 checks[case], images = cross_check(vol, pixels, pose_name, n_peer, available)
                 line = ", ".join(f"{lib} NCC {c['ncc']:.6f} (mean {100 * c['mean_rel']:+.2f}%)"
                                  for lib, c in checks[case].items())
-                print(f"{name} {pixels}px {pose_name}: {total} samples ({mean:.1f}/ray, max "
-                      f"{most}); peers {n_peer}/ray. Against {available[0]}: {line}", flush=True)
+                print(f"{ct} {name} {pixels}px {pose_name}: {total} samples ({mean:.1f}/ray, "
+                      f"max {most}); peers {n_peer}/ray. Against {available[0]}: {line}",
+                      flush=True)
+                wrong += [f"{ct} {name} {pixels}px {pose_name} {lib}: NCC {c['ncc']:.6f}"
+                          for lib, c in checks[case].items() if not c["ncc"] >= NCC_WRONG]
                 if args.images is not None:
-                    save_images(images, args.images / f"drr_{name}_{pixels}_{pose_name}.png")
+                    save_images(images, args.images / f"drr_{ct}_{name}_{pixels}_{pose_name}.png")
+    if wrong:
+        print(f"IMAGES DISAGREE (NCC below {NCC_WRONG}: the pose or volume is mapped wrongly for "
+              "a library); nothing timed:\n  " + "\n  ".join(wrong))
+        return 2
 
     # Memory: one fresh process per (case, library). Time: one process per case, round-robin.
     results = {}
-    for name, pixels, pose_name in timed_cases(args, volumes):
+    for ct, name, pixels, pose_name in timed_cases(args, volumes):
         for mode in args.passes:
             spec = {"pixels": pixels, "pose": pose_name, "mode": mode,
-                    "n_peer": counts[name, pixels, pose_name]["n_peer"], "warmup": warmup,
-                    "repeats": repeats, "budget": budget, "data": str(data_files[name]),
+                    "n_peer": counts[ct, name, pixels, pose_name]["n_peer"], "warmup": warmup,
+                    "repeats": repeats, "budget": budget, "data": str(data_files[ct, name]),
                     "max_samples": args.max_samples, "threads": args.threads}
             timing = run_worker(worker + [json.dumps({**spec, "kind": "time", "libs": available})],
                                 timeout=WORKER_TIMEOUT_S)
             for lib in libs:
-                key = (name, pixels, pose_name, mode, lib)
+                key = (ct, name, pixels, pose_name, mode, lib)
                 if lib not in available:
                     results[key] = {"error": status[lib]}
                     continue
@@ -793,7 +856,7 @@ def main(argv=None) -> int:
                                         timeout=WORKER_TIMEOUT_S)
                     result = {**result, **memory} if "error" not in memory else memory
                 results[key] = result
-                print(f"{name} {pixels}px {pose_name:8s} {mode:12s} {lib:15s} "
+                print(f"{ct} {name} {pixels}px {pose_name:9s} {mode:12s} {lib:15s} "
                       + (f"{result['median_ms']:9.1f} ms (cpu {result['cpu_ms']:9.1f} ms) "
                          f"x{result['repeats']}  peak {result['first_peak_bytes'] / 2**20:7.1f}"
                          f" / {result['peak_bytes'] / 2**20:7.1f} MiB"
@@ -844,16 +907,18 @@ def default_max_samples():
 
 
 def timed_cases(args, volumes):
-    """The (volume, detector, pose) cases to time: the rotated pose only at 128² unless --full
-    (or unless it is the only pose asked for); every case is cross-checked."""
-    return [(name, pixels, pose) for name in volumes for pixels in args.detectors
-            for pose in args.poses
-            if args.full or pose == "identity" or pixels == 128 or len(args.poses) == 1]
+    """The (CT, volume, detector, view) cases to time: every view on every detector, the rotated
+    pose only at 128² unless --full (or unless it is the only pose asked for); every case is
+    cross-checked."""
+    return [(ct, name, pixels, pose) for ct, name in volumes for pixels in args.detectors
+            for pose in args.views
+            if args.full or pose in VIEWS or pixels == 128 or len(args.views) == 1]
 
 
 def render_report(run, volumes, skipped, counts, checks, results, args, libs, status) -> str:
     """The markdown section for bench/RESULTS.md: the facts of the run, the timing table, the
-    image agreement and the verdicts against issue 12's targets."""
+    image agreement, the ``cpu`` backend's ratios to nanodrr per case and the verdicts against
+    issue 12's and 20's targets (every case counted, the missed ones named)."""
     facts = run["facts"]
     ran = [lib for lib in libs if status[lib] is None]  # the others are named under "peers"
     peers = [lib for lib in ran if lib in PEER_PACKAGES]
@@ -876,25 +941,27 @@ def render_report(run, volumes, skipped, counts, checks, results, args, libs, st
             return "—"
         return f"{result['first_peak_bytes'] / 2 ** 20:.0f} / {result['peak_bytes'] / 2 ** 20:.0f}"
 
-    headers = ["volume", "detector", "pose", "pass", "library", "ms (cpu)", "Msamples/s",
+    headers = ["CT", "volume", "detector", "view", "pass", "library", "ms (cpu)", "Msamples/s",
                "gather GB/s", "of bandwidth", "peak MiB: first calls / later call"]
     for peer in peers:
         headers += [f"speed vs {peer} (cpu)", f"memory vs {peer}: first / later"]
     rows, verdicts = [], []
-    for name, pixels, pose_name in timed_cases(args, volumes):
-        c = counts[name, pixels, pose_name]
+    cpu_vs_nanodrr = {}  # (case, mode) -> (speed, memory of later calls): the summary table
+    for case in timed_cases(args, volumes):
+        ct, name, pixels, pose_name = case
+        c = counts[case]
         for mode in args.passes:
             for lib in ran:
-                mine = results.get((name, pixels, pose_name, mode, lib))
+                mine = results.get((*case, mode, lib))
                 rate = gbs = share = None
                 if ok(mine):
                     rate = c["total"] / mine["median_ms"] / 1e3
                     gbs = rate * BYTES_PER_SAMPLE[mode] / 1e3
                     share = 100 * gbs / limit if limit else None
-                row = [name, f"{pixels}²", pose_name, mode, lib, ms(mine), fmt(rate, 2),
+                row = [ct, name, f"{pixels}²", pose_name, mode, lib, ms(mine), fmt(rate, 2),
                        fmt(gbs, 2), fmt(share, 1, "%"), mib(mine)]
                 for peer in peers:
-                    theirs = results.get((name, pixels, pose_name, mode, peer))
+                    theirs = results.get((*case, mode, peer))
                     speed = speed_cpu = mem = first = None
                     if lib in ours and ok(mine) and ok(theirs):
                         # paired by round: the two calls ran within seconds of each other
@@ -910,34 +977,39 @@ def render_report(run, volumes, skipped, counts, checks, results, args, libs, st
                             if lib in ours else ["", ""])
                     if peer != "nanodrr":
                         continue
+                    if lib == "prostlab-cpu" and speed is not None:
+                        cpu_vs_nanodrr[case, mode] = (speed, mem)
                     backend = lib.removeprefix("prostlab-")
-                    case = f"{name} {pixels}² {pose_name} {mode} {lib}"
+                    where = f"{ct} {name} {pixels}² {pose_name} {mode} {lib}"
                     goal = SPEED_TARGETS.get(backend, {}).get(mode)
                     if goal is not None and speed is not None:
-                        verdicts.append((case, "speed", f"{speed:.2f}× (cpu {speed_cpu:.2f}×)",
+                        verdicts.append((f"`{backend}` {mode} speed", where,
+                                         f"{speed:.2f}× (cpu {speed_cpu:.2f}×)",
                                          f"≥ {goal:g}×", speed >= goal))
                     goal = MEMORY_TARGETS.get(backend)
                     if goal is not None and mem is not None:
-                        verdicts.append((case, "memory, later calls", f"{mem:.2f}×",
-                                         f"≤ {goal:g}×", mem <= goal))
-                        verdicts.append((case, "memory, first calls", f"{first:.2f}×",
-                                         f"≤ {goal:g}×", first <= goal))
+                        verdicts.append((f"`{backend}` memory, later calls", where,
+                                         f"{mem:.2f}×", f"≤ {goal:g}×", mem <= goal))
+                        verdicts.append((f"`{backend}` memory, first calls", where,
+                                         f"{first:.2f}×", f"≤ {goal:g}×", first <= goal))
                 rows.append(row)
 
     others = [lib for lib in ran if lib != ours[0]]
-    ncc_headers = ["volume", "detector", "pose", "prostlab samples", "per ray: mean / max",
+    ncc_headers = ["CT", "volume", "detector", "view", "prostlab samples", "per ray: mean / max",
                    "peers' samples per ray"]
     for lib in others:
         ncc_headers += [f"NCC {lib}", f"mean {lib} / {ours[0]} - 1"]
     ncc_rows = []
-    for (name, pixels, pose_name), c in counts.items():
-        row = [name, f"{pixels}²", pose_name, f"{c['total']:,}", f"{c['mean']:.1f} / {c['max']}",
+    for case, c in counts.items():
+        ct, name, pixels, pose_name = case
+        row = [ct, name, f"{pixels}²", pose_name, f"{c['total']:,}",
+               f"{c['mean']:.1f} / {c['max']}",
                f"{c['n_peer']} ({c['n_peer'] * c['rays']:,} in all)"]
         for lib in others:
-            chk = checks[name, pixels, pose_name].get(lib)
+            chk = checks[case].get(lib)
             row += [f"{chk['ncc']:.6f}", f"{100 * chk['mean_rel']:+.2f}%"] if chk else ["—", "—"]
             if chk and lib in peers:
-                verdicts.append((f"{name} {pixels}² {pose_name} image", f"NCC {lib}",
+                verdicts.append((f"image NCC against {lib}", f"{ct} {name} {pixels}² {pose_name}",
                                  f"{chk['ncc']:.6f}", f"≥ {NCC_TARGET}",
                                  chk["ncc"] >= NCC_TARGET))
         ncc_rows.append(row)
@@ -962,9 +1034,10 @@ def render_report(run, volumes, skipped, counts, checks, results, args, libs, st
         if "triad_gbs" in b else f"{when}: {b.get('error')}"
         for when, b in zip(("start", "end"), run["bandwidth"], strict=False))
     volume_lines = [
-        f"  - {name}: {vol['description']}; {vol['volume'][0, 0].numel() * 4 / 2 ** 20:.0f} MiB "
-        "as float32" for name, vol in volumes.items()]
-    volume_lines += [f"  - {name}: skipped, {why}" for name, why in skipped.items()]
+        f"  - {ct} {name}: {vol['description']}; "
+        f"{vol['volume'][0, 0].numel() * 4 / 2 ** 20:.0f} MiB as float32"
+        for (ct, name), vol in volumes.items()]
+    volume_lines += [f"  - {ct} {name}: skipped, {why}" for (ct, name), why in skipped.items()]
     dirty = run["dirty"]
     lines = [
         "## Projector, CPU: " + ", ".join(f"`{lib}`" for lib in ours) + " beside "
@@ -983,7 +1056,11 @@ def render_report(run, volumes, skipped, counts, checks, results, args, libs, st
            f"{default_max_samples()} (the Projector's default)"),
         f"- command: `{run['command']}` ({run['elapsed'] / 60:.1f} min)",
         f"- peers: {versions}" + (f"; not run: {', '.join(not_run)}" if not_run else ""),
-        "- volumes (the identity pose is an AP view of each, see `ap_view`):",
+        "- views: " + ", ".join(f"{v} {tuple(round(x, 4) for x in POSES[v])}"
+                                for v in args.views)
+        + " (omega rad, t mm), each after the volume's AP view (`ap_view`; module docstring, "
+        "\"Views\")",
+        "- volumes:",
         *volume_lines,
         f"- camera: sdd {SDD:g} mm, sid {SID:g} mm, detector 373.8 mm square ("
         + ", ".join(f"{n}² at {px:g} mm" for n, px in DETECTORS.items() if n in args.detectors)
@@ -1024,14 +1101,49 @@ def render_report(run, volumes, skipped, counts, checks, results, args, libs, st
         "",
         markdown_table(ncc_headers, ncc_rows),
     ]
+    if cpu_vs_nanodrr:
+        lines += ["", "`cpu` against nanodrr's torch backend, per case: speed (median of the "
+                  "per-round ratios, wall) and memory of later calls; in bold where issue 20's "
+                  "targets (speed ≥ 3×, memory ≤ 0.5×) are missed:", "",
+                  summary_table(cpu_vs_nanodrr, args)]
     if verdicts:
-        lines += ["", "Targets of issue 12 against nanodrr's torch backend (`cpu`: forward and "
-                  "forward+backward ≥ 3× faster, peak memory ≤ 0.5×; `torch`: ≥ 1×) and images "
-                  f"(NCC ≥ {NCC_TARGET}):", ""]
-        for case, kind, value, goal, met in verdicts:
-            lines.append(f"- {case} {kind}: {value} (target {goal}) — "
-                         f"{'met' if met else 'NOT met'}")
+        lines += ["", "Targets of issues 12 and 20 against nanodrr's torch backend (`cpu`: "
+                  "forward and forward+backward ≥ 3× faster, peak memory ≤ 0.5×; `torch`: ≥ 1×) "
+                  f"and images (NCC ≥ {NCC_TARGET}):", ""]
+        table = {}
+        for target, where, value, goal, met in verdicts:
+            table.setdefault((target, goal), []).append((where, value, met))
+        lines.append(markdown_table(["target", "met", "not met"], [
+            [f"{target} {goal}", f"{sum(met for *_, met in cases)}/{len(cases)}",
+             "; ".join(f"{where} ({value})" for where, value, met in cases if not met)]
+            for (target, goal), cases in table.items()]))
     return "\n".join(lines)
+
+
+def summary_table(ratios: dict, args) -> str:
+    """One row per (CT, volume, view): for each detector, the ``cpu`` backend's speed over
+    nanodrr forward and forward+backward, and its memory of later calls (forward / fwd+bwd);
+    ``ratios[(case, mode)] = (speed, memory)``, a miss of a target in bold."""
+    def cell(value, met):
+        return "—" if value is None else (f"{value:.2f}×" if met else f"**{value:.2f}×**")
+
+    modes = [m for m in ("forward", "fwd+bwd") if m in args.passes]
+    pixels_done = sorted({case[2] for case, _ in ratios})
+    headers = ["CT", "volume", "view"]
+    for pixels in pixels_done:
+        headers += [f"{pixels}² {mode}" for mode in modes]
+        headers.append(f"{pixels}² memory, later calls: " + " / ".join(modes))
+    rows = []
+    for ct, name, view in dict.fromkeys((case[0], case[1], case[3]) for case, _ in ratios):
+        row = [ct, name, view]
+        for pixels in pixels_done:
+            pairs = [ratios.get(((ct, name, pixels, view), mode), (None, None)) for mode in modes]
+            row += [cell(speed, speed is None or speed >= SPEED_TARGETS["cpu"][mode])
+                    for (speed, _), mode in zip(pairs, modes, strict=True)]
+            row.append(" / ".join(cell(mem, mem is None or mem <= MEMORY_TARGETS["cpu"])
+                                  for _, mem in pairs))
+        rows.append(row)
+    return markdown_table(headers, rows)
 
 
 if __name__ == "__main__":
