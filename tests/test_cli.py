@@ -640,3 +640,18 @@ def test_render_refuses_poses_outside_the_beam_and_names_blank_drrs(tmp_path, ca
     assert _render(tmp_path, out, "--pose", *["0"] * 6, *beside) == 0
     assert ("prostlab render: WARNING: --pose 2: blank DRR (drr_001.png; 1 of 2)"
             in capsys.readouterr().err)
+
+
+def test_render_warns_when_the_beam_cuts_the_volume(tmp_path, capsys):
+    """``--sid 1019.9 --sdd 1020`` put the isocentre 0.1 mm before the detector: half the volume
+    lay past it and was missing from the DRR, without a word (probe r54). Now a warning names
+    the pose and the depth; a pose whose box lies between source and detector gets none."""
+    out = tmp_path / "drr"
+    assert _render(tmp_path, out, "--sdd", "1020", "--sid", "1019.9") == 0
+    err = capsys.readouterr().err
+    # the 16^3 fixture at 4 mm: the projector's support reaches (16 + 1) / 2 * 4 = 34 mm along
+    # the beam, 33.9 mm past the detector 0.1 mm beyond the isocentre
+    assert "prostlab render: WARNING: --pose 1: the volume's box reaches up to 33.9 mm" in err, err
+    assert "past the detector (sid 1019.9, sdd 1020 mm)" in err
+    assert _render(tmp_path, out, "--overwrite") == 0
+    assert "WARNING" not in capsys.readouterr().err

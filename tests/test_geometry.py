@@ -723,3 +723,19 @@ def test_runs_on_cuda():
     assert camera.ray_directions(device="cuda").device.type == "cuda"
     torch.testing.assert_close(matrix_to_pose(pose_to_matrix(pose)).cpu(), pose.cpu())
     assert geodesic_gradient(pose, pose.flip(0)).device.type == "cuda"
+
+
+def test_depth_outside_beam_measures_the_box_past_the_detector_or_behind_the_source():
+    """The box |x| <= (10, 20, 40) mm, moved by a pose into the camera frame (source z = 0,
+    detector z = sdd = 1020, isocentre z = sid = 620): worked by hand."""
+    from prostlab.geometry import depth_outside_beam
+
+    camera = Camera(sdd=1020, sid=620, height=8, width=8, pixel_spacing=(1.0, 1.0))
+    half = (10.0, 20.0, 40.0)
+    pose = torch.tensor([[0, 0, 0, 0, 0, 0.0],     # z in [580, 660]: inside
+                         [0, 0, 0, 0, 0, 370.0],   # z up to 1030: 10 mm past the detector
+                         [0, 0, 0, 0, 0, -600.0],  # z down to -20: 20 mm behind the source
+                         [0, math.pi / 2, 0, 0, 0, 395.0]], dtype=torch.float64)
+    # the last: a quarter turn about y puts the volume's x (10 mm) along the beam: z up to 1025
+    expected = torch.tensor([0.0, 10.0, 20.0, 5.0], dtype=torch.float64)
+    torch.testing.assert_close(depth_outside_beam(pose, camera, half), expected)

@@ -15,6 +15,7 @@ from fit_run import TINY, TINY_CHECKPOINTS
 from prostlab.cli import main
 from prostlab.lightning import ConvexSimilarityModule
 from prostlab.lightning.cli import run_lightning
+from prostlab.outputs import exclusive_folder
 
 QUICK = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
          "--model.image_every_n_steps", "0", "--trainer.enable_progress_bar", "false"]
@@ -73,6 +74,18 @@ def test_a_second_writer_of_last_ckpt_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     line = err.strip().splitlines()[-1]
     assert code == 2 and "save_last" in line and "last_checkpoint" in line, err[-3000:]
+
+
+def test_a_fit_into_a_checkpoint_folder_another_fit_holds_is_refused(tmp_path, capsys):
+    """Two fits into one folder would share last.ckpt: the second is refused, naming the first
+    (a lock held here stands for the other run's; they do not nest within a process either)."""
+    TINY_CHECKPOINTS.mkdir(parents=True)
+    with exclusive_folder(TINY_CHECKPOINTS):
+        line = refusal(capsys, "fit")
+    assert f"{TINY_CHECKPOINTS}: another prostlab process is writing there now" in line
+    assert not (tmp_path / TINY_CHECKPOINTS / "last.ckpt").exists()
+    assert main(["fit", "--config", str(TINY), *QUICK]) == 0  # free again
+    assert (tmp_path / TINY_CHECKPOINTS / "last.ckpt").is_file()
 
 
 @pytest.mark.parametrize(

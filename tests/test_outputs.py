@@ -12,12 +12,15 @@ import pytest
 
 from prostlab.errors import ProstlabError
 from prostlab.outputs import (
+    LOCK,
     MANIFEST,
     atomic_path,
     check_writable_dir,
     claim_latest,
+    exclusive_folder,
     fresh_output_dir,
     new_run_dir,
+    output_folder,
     point_latest,
     record_outputs,
     write_text,
@@ -230,3 +233,62 @@ def test_a_new_run_removes_stale_temporaries_and_keeps_live_ones(tmp_path, sub, 
     assert not any(path.exists() for path in stale)
     assert all(path.exists() for path in kept)
 
+
+
+_HOLD = """
+import sys
+from prostlab.outputs import exclusive_folder
+with exclusive_folder(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    """Another process holding ``folder``'s lock until its stdin is closed."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_a_second_writer_of_a_folder_is_refused_naming_the_first(tmp_path):
+    """Two commands into one folder at once: the second is refused while the first holds it,
+    before it checks or writes anything, and is let in once the first has ended."""
+    out = tmp_path / "d"
+    out.mkdir()
+    holder = _holder(out)
+    try:
+        with pytest.raises(ProstlabError, match=rf"{out}: another prostlab process is writing "
+                                                rf"there now \(pid {holder.pid}: "):
+            with output_folder(out):
+                pytest.fail("ran while another process held the folder")
+        with pytest.raises(ProstlabError, match="another prostlab process"):  # a new folder too
+            with exclusive_folder(out):
+                pass
+    finally:
+        holder.communicate("")
+    with output_folder(out) as folder:
+        (folder / "drr_000.png").write_bytes(b"x")
+    assert sorted(p.name for p in out.iterdir()) == ["drr_000.png"]  # the lock file is gone
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_a_killed_writer_leaves_the_folder_free(tmp_path):
+    holder = _holder(tmp_path)
+    holder.kill()
+    holder.wait()
+    assert (tmp_path / LOCK).is_file()  # SIGKILL ran no clean-up, but the lock died with it
+    with output_folder(tmp_path) as folder:  # and a folder holding only the lock is empty
+        assert folder == tmp_path
+    assert not (tmp_path / LOCK).exists()
+
+
+def test_locks_do_not_nest_within_one_process(tmp_path):
+    with exclusive_folder(tmp_path):
+        with pytest.raises(ProstlabError, match=f"pid {os.getpid()}"):
+            with exclusive_folder(tmp_path):
+                pass
+    with exclusive_folder(tmp_path):  # released on leaving the block
+        pass

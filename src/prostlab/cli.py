@@ -78,6 +78,7 @@ def _render_into(out: Path, args: argparse.Namespace) -> None:
         poses_from_degrees,
         read_pose_csv,
         render_poses,
+        warn_cut_by_the_beam,
         write_drrs,
     )
 
@@ -108,9 +109,10 @@ def _render_into(out: Path, args: argparse.Namespace) -> None:
             lambda n: progress.advance(task, n),
             what,
         )
-    warning = check_not_blank(images, what)
-    if warning:
-        print(f"prostlab render: WARNING: {warning}", file=sys.stderr)
+    for warning in (warn_cut_by_the_beam(volume, camera, poses, what),
+                    check_not_blank(images, what)):
+        if warning:
+            print(f"prostlab render: WARNING: {warning}", file=sys.stderr)
     np_path = write_drrs(out, images, poses, args.colorbar, args.overwrite)
     print(
         f"wrote {len(images)} DRR(s) of {camera.height}x{camera.width} to {out}/ "

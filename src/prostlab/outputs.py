@@ -13,7 +13,11 @@ Every command that writes results uses these helpers:
   removes the temporary files that killed writers left there (:func:`remove_stale_temporaries`).
 * :func:`fresh_output_dir` is the rule of ``prostlab render``, ``prepare`` and ``register``: the
   folder must be empty (or new) unless ``overwrite`` is set. :func:`output_folder` applies it for
-  the length of a job and removes the folder again if the job fails before writing into it.
+  the length of a job, holding the folder's lock (:func:`exclusive_folder`) meanwhile, and
+  removes the folder again if the job fails before writing into it.
+* :func:`exclusive_folder` lets one prostlab process at a time write into a folder: a second
+  command into it (two renders into one ``--out``, two fits sharing one ``last.ckpt``) is refused
+  while the first runs, naming it, instead of both writing file by file.
 * :func:`record_outputs` lists the files each command wrote in the folder's manifest,
   ``.prostlab-outputs.json``. With ``overwrite`` a command removes the files that its earlier run
   wrote there and this one did not (a ``drr_004.png`` of a longer pose list), and only those:
@@ -35,6 +39,7 @@ import json
 import os
 import re
 import secrets
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +65,13 @@ MANIFEST = ".prostlab-outputs.json"
 """Name of the file, in an output folder, that lists the files each command wrote there."""
 
 _MANIFEST_FORMAT = "prostlab-outputs/1"
+
+LOCK = ".prostlab-lock"
+"""Name of the file, in a folder that a prostlab process writes into, that it holds locked
+(:func:`exclusive_folder`); it holds the writer's PID and command line, and is removed after."""
+
+_BOOKKEEPING = (MANIFEST, LOCK)
+"""prostlab's own files in an output folder: a folder holding only these counts as empty."""
 
 
 def temporary_name(path: str | Path) -> Path:
@@ -172,7 +184,8 @@ def fresh_output_dir(path: str | Path, overwrite: bool = False, what: str = "--o
     is false, or is not writable (:func:`check_writable_dir`). Returns the folder, created.
     """
     path = Path(path)
-    if path.is_dir() and not overwrite and any(p.name != MANIFEST for p in path.iterdir()):
+    if path.is_dir() and not overwrite and any(p.name not in _BOOKKEEPING
+                                               for p in path.iterdir()):
         raise ProstlabError(
             f"{what} {path}: is not empty; pass --overwrite to replace its results, or "
             "choose a new folder"
@@ -182,21 +195,75 @@ def fresh_output_dir(path: str | Path, overwrite: bool = False, what: str = "--o
 
 @contextlib.contextmanager
 def output_folder(path: str | Path, overwrite: bool = False, what: str = "--out") -> Iterator[Path]:
-    """:func:`fresh_output_dir` for the duration of a job.
+    """:func:`fresh_output_dir` for the duration of a job, with the folder's lock held
+    (:func:`exclusive_folder`; the emptiness is checked after the lock is taken, so of two
+    commands started into one new folder at once, one runs and the other is refused).
 
     If the block raises and this call created the folder, the folder is removed again when it is
     still empty, so a refused job leaves nothing behind.
     """
     path = Path(path)
     existed = path.exists()
-    folder = fresh_output_dir(path, overwrite, what)
     try:
-        yield folder
+        with exclusive_folder(check_writable_dir(path, what), what):
+            yield fresh_output_dir(path, overwrite, what)
     except BaseException:
         if not existed:
             with contextlib.suppress(OSError):
-                folder.rmdir()  # only succeeds while empty
+                path.rmdir()  # only succeeds while empty
         raise
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | Path, what: str = "output folder") -> Iterator[Path]:
+    """Hold ``folder``'s lock for the block: one prostlab process writes into a folder at a time.
+
+    The lock is an exclusive ``flock`` of ``folder/.prostlab-lock`` (:data:`LOCK`), which holds
+    the writer's PID and command line; the operating system releases it when the process ends,
+    however it ends, so a killed writer never leaves the folder locked. Raises ``ProstlabError``
+    naming the folder and the process that holds it when another holds it (the block does not
+    run). Locks of one process do not nest: a second ``exclusive_folder`` of the same folder in
+    the same process is refused too. On file systems or platforms without ``flock`` (Windows)
+    the block runs without a lock.
+    """
+    folder = Path(folder)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        yield folder
+        return
+    lock = folder / LOCK
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ProstlabError(
+                f"{what} {folder}: another prostlab process is writing there now ({holder}); "
+                "expected it to be free: wait for that process to end, or choose another folder"
+            ) from None
+        except OSError:  # a file system without locks (some network mounts)
+            os.close(fd)
+            yield folder
+            return
+        try:  # the holder before us may have removed the file between our open and our lock
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        os.write(fd, f"pid {os.getpid()}: {command}".encode())
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still held, so no one takes a lock on a file being removed
+        os.close(fd)
 
 
 def record_outputs(
@@ -356,11 +423,13 @@ def claim_latest(parent: str | Path, run: str | Path) -> str:
 
 __all__ = [
     "LATEST",
+    "LOCK",
     "MANIFEST",
     "atomic_path",
     "check_run_name",
     "claim_latest",
     "check_writable_dir",
+    "exclusive_folder",
     "fresh_output_dir",
     "new_run_dir",
     "output_folder",

@@ -15,7 +15,8 @@ as ``register --init``), a batch size below 1, a device this machine lacks
 (:func:`render_memory_bytes`) exceeds what is available, and a step that takes more than
 :data:`prostlab.projector.rays.MAX_SAMPLES_PER_RAY` samples per ray. After rendering, before
 anything is written, :func:`check_not_blank` refuses a job whose every DRR is blank and names
-the poses whose DRR is.
+the poses whose DRR is. :func:`warn_cut_by_the_beam` names the poses that put part of the volume
+behind the source or past the detector (the DRR misses that part).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from omegaconf import OmegaConf
 from prostlab.csv_table import csv_rows
 from prostlab.data import Volume, load_image, load_prepared
 from prostlab.errors import ProstlabError
-from prostlab.geometry import Camera, check_pose_in_beam
+from prostlab.geometry import Camera, check_pose_in_beam, depth_outside_beam
 from prostlab.limits import (
     check_grid_side,
     check_memory,
@@ -215,6 +216,28 @@ def render_poses(
             if progress is not None:
                 progress(len(batch))
     return torch.cat(images).numpy()
+
+
+def warn_cut_by_the_beam(volume: Volume, camera: Camera, poses: torch.Tensor,
+                         what: str = "pose") -> str | None:
+    """A warning naming the poses ``(N, 6)`` that put part of ``volume``'s box behind the source
+    or past the detector (:func:`~prostlab.geometry.depth_outside_beam`), or ``None``.
+
+    Rays run from the source to the detector, so such a DRR misses that part of the volume: an
+    isocentre a few mm before the detector (``--sid`` close to ``--sdd``) cuts the volume in half.
+    Not refused: a box with air margins may reach past the detector with its anatomy inside.
+    """
+    half = [(n + 1) / 2 * s for n, s in zip(volume.shape[1:], volume.spacing, strict=True)]
+    past = depth_outside_beam(poses.to(torch.float64), camera, half)
+    cut = torch.nonzero(past > 0).flatten().tolist()
+    if not cut:
+        return None
+    numbers = ", ".join(str(i + 1) for i in cut)
+    return (f"{what} {numbers}: the volume's box reaches up to {float(past.max()):.4g} mm behind "
+            f"the source or past the detector (sid {camera.sid:g}, sdd {camera.sdd:g} mm), and "
+            "rays run from one to the other, so the DRR misses that part; expected the box "
+            f"between them (sdd - sid above its half-diagonal, "
+            f"{math.sqrt(sum(h * h for h in half)):.4g} mm, or a smaller tz)")
 
 
 def check_not_blank(images: np.ndarray, what: str = "pose") -> str | None:

@@ -5,7 +5,7 @@ Conventions (frames, pose, camera, rays) are stated in ``docs/geometry.md``. Pos
 """
 
 from prostlab.geometry.camera import Camera
-from prostlab.geometry.checks import check_pose, check_pose_in_beam
+from prostlab.geometry.checks import check_pose, check_pose_in_beam, depth_outside_beam
 from prostlab.geometry.euler import euler_to_pose, pose_to_euler
 from prostlab.geometry.se3 import (
     compose,
@@ -33,6 +33,7 @@ __all__ = [
     "Camera",
     "check_pose",
     "check_pose_in_beam",
+    "depth_outside_beam",
     "compose",
     "euler_to_pose",
     "geodesic_angle",

@@ -8,6 +8,7 @@ device; only :func:`check_pose` looks at the values (finiteness), which costs on
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -144,3 +145,22 @@ def check_pose_in_beam(pose: Tensor, camera: Camera, name: str = "pose") -> Tens
                 f"{height:.4g} mm (the detector's size)"
             )
     return pose
+
+
+def depth_outside_beam(pose: Tensor, camera: Camera, half_extent_mm: Sequence[float]) -> Tensor:
+    """How far a volume's box reaches behind the source or past the detector, per pose, in mm.
+
+    The box ``|x_a| <= h_a`` of the volume frame (``half_extent_mm``, the projector's support,
+    ``(N_a + 1) / 2 * s_a``) is moved by each pose into the camera frame (source at ``z = 0``,
+    detector at ``z = sdd``). Rays are integrated from the source to the detector only, so the
+    part of the box outside ``0 <= z <= sdd`` is missing from the DRR. Returns ``(B,)``:
+    ``max(z_max - sdd, -z_min, 0)`` over the box's eight corners.
+    """
+    pose = check_pose(pose, "pose")
+    half = torch.tensor(half_extent_mm, dtype=pose.dtype, device=pose.device)
+    signs = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)],
+                         dtype=pose.dtype, device=pose.device) * 2 - 1
+    extrinsics = camera.extrinsics(pose)  # (B, 3, 4)
+    z = (signs * half) @ extrinsics[:, 2, :3].T + extrinsics[:, 2, 3]  # (8, B)
+    past = torch.stack((z.amax(0) - camera.sdd, -z.amin(0), torch.zeros_like(z[0])))
+    return past.amax(0)

@@ -14,6 +14,7 @@ see the final values; ``--print_config`` shows that merged, resolved config.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import os
@@ -33,7 +34,7 @@ from prostlab.lightning.benchmark import check_benchmark_settings, check_trained
 from prostlab.lightning.checkpoint import check_compatible, read_checkpoint
 from prostlab.lightning.last_checkpoint import MOVED_PREFIX, LastCheckpoint
 from prostlab.lightning.training import ConvexSimilarityModule
-from prostlab.outputs import check_writable_dir
+from prostlab.outputs import check_writable_dir, exclusive_folder
 
 TRAINER_DEFAULTS = {
     # Validation and the benchmark differentiate the similarity: no inference mode.
@@ -112,6 +113,8 @@ class _ProstlabCLI(LightningCLI):
       before a run) and ``last`` without a ``last.ckpt`` are refused in one line.
     - ``fit`` that would train no step (``max_epochs`` 0, or a resumed checkpoint already at
       ``max_steps``) is refused: Lightning would exit 0 and write nothing.
+    - ``fit`` holds its checkpoint folders' locks while it trains: a second ``fit`` into them
+      (which would share ``last.ckpt``) is refused, naming the first.
     - ``test`` of a method with a ``net`` stage without trained weights (no ``--ckpt_path``, no
       ``model.init_weights``) is refused, as ``prostlab register`` refuses it.
     - ``data.camera`` is ``model.camera``, linked: real X-rays are fitted to the model's detector.
@@ -220,6 +223,16 @@ class _ProstlabCLI(LightningCLI):
         check_benchmark_settings(self.model)
 
     before_validate = _check_checkpoint
+
+    def fit(self, **kwargs) -> None:
+        """``trainer.fit`` with the checkpoint folders locked (:func:`exclusive_folder`): a
+        second ``fit`` into them (which would share ``last.ckpt``) is refused while this runs."""
+        folders = {os.path.realpath(f): f
+                   for f in _checkpoint_folders(self.trainer, check_save_last=False)}
+        with contextlib.ExitStack() as locks:
+            for folder in folders.values():
+                locks.enter_context(exclusive_folder(folder, "checkpoint folder"))
+            self.trainer.fit(**kwargs)
 
 
 def _prostlab_error_in(exc: BaseException) -> ProstlabError | None:
