@@ -120,6 +120,19 @@ def test_an_interpolation_of_a_missing_key_is_one_line(tmp_path, capsys):
     assert line.startswith("prostlab fit: error: ") and "trainer.max_stepz" in line, err[-2000:]
 
 
+@pytest.mark.parametrize(("text", "got"), [("", "nothing (empty, or only comments)"),
+                                           ("# only a comment\n", "nothing"),
+                                           ("- trainer\n", "a list")])
+def test_a_config_file_that_holds_no_mapping_is_one_line_naming_it(tmp_path, capsys, text, got):
+    """An empty overlay said ``Unexpected config:`` and nothing more."""
+    bad = tmp_path / "overlay.yaml"
+    bad.write_text(text)
+    assert main(["fit", "--config", "tiny", "--config", str(bad), "--print_config"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"prostlab fit: error: --config {bad}: holds {got}"), line
+    assert "expected a YAML mapping of settings" in line
+
+
 def test_the_shipped_overlays(capsys):
     cpu = yaml.safe_load(open(resolve_config("cpu")))
 

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
+import yaml
 from jsonargparse import ActionConfigFile, set_parsing_settings
 from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -68,11 +69,14 @@ class _OverlayConfigFile(ActionConfigFile):
     ``model.benchmark``) whole when a later file sets it, so an overlay that changed one key
     silently dropped the others. Here such an argument is merged key by key, recursively, with
     its earlier value; lists and plain values are replaced, and ``null`` clears the mapping.
-    Class-valued arguments (``class_path``/``init_args``) keep jsonargparse's own merge.
+    Class-valued arguments (``class_path``/``init_args``) keep jsonargparse's own merge. A file
+    that holds no mapping (empty, only comments, a list) is refused naming it; jsonargparse said
+    ``Unexpected config:`` and nothing more.
     """
 
     @staticmethod
     def apply_config(parser, cfg, dest, value) -> None:
+        _check_config_file(value)
         before = cfg.clone()
         ActionConfigFile.apply_config(parser, cfg, dest, value)
         for action in parser._actions:
@@ -80,6 +84,21 @@ class _OverlayConfigFile(ActionConfigFile):
             old, new = before.get(key), cfg.get(key)
             if isinstance(old, dict) and isinstance(new, dict):
                 cfg[key] = _deep_merge(old, new)
+
+
+def _check_config_file(value) -> None:
+    """Refuse a ``--config`` file whose YAML is not a mapping of settings (a YAML string given
+    in its place, and a file that cannot be read, are left to jsonargparse)."""
+    path = Path(str(value))
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return
+    if not isinstance(content, dict):
+        got = "nothing (empty, or only comments)" if content is None else (
+            f"a {type(content).__name__}")
+        raise ProstlabError(f"--config {value}: holds {got}; expected a YAML mapping of "
+                            "settings, such as `trainer: {max_steps: 100}`")
 
 
 def _deep_merge(base: dict, overlay: dict) -> dict:
