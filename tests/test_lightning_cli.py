@@ -187,6 +187,40 @@ def test_resuming_a_checkpoint_at_max_steps_is_refused(tmp_path, capsys):
     assert last.stat().st_mtime_ns == before and len(list(last.parent.iterdir())) == 1
 
 
+EPOCHS = ["--trainer.max_steps", "-1", "--trainer.limit_train_batches", "2"]
+"""Epochs of two steps; ``last.ckpt`` is written at each epoch's last step (every 2 steps)."""
+
+
+def test_resuming_a_checkpoint_at_max_epochs_is_refused(tmp_path, capsys):
+    """The last.ckpt written at epoch 0's last step records that epoch as unfinished (its
+    ``epoch`` is 0), yet resuming it with max_epochs 1 trained nothing and exited 0."""
+    assert main(["fit", "--config", str(TINY), *QUICK, *EPOCHS, "--trainer.max_epochs", "1"]) == 0
+    capsys.readouterr()
+    last = tmp_path / TINY_CHECKPOINTS / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    before = last.stat().st_mtime_ns
+    line = refusal(capsys, "fit", *EPOCHS, "--trainer.max_epochs", "1", "--ckpt_path", "last")
+    assert f"--trainer.max_epochs 1: {last} has finished 1 epoch already (at step 2)" in line
+    assert "--trainer.max_epochs 2 trains 1 more epoch" in line, line
+    assert last.stat().st_mtime_ns == before and len(list(last.parent.iterdir())) == 1
+    # One more epoch trains: the check refuses only a resume that trains nothing.
+    code = main(["fit", "--config", str(TINY), *QUICK, *EPOCHS, "--trainer.max_epochs", "2",
+                 "--ckpt_path", "last"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+
+
+def test_resuming_in_the_middle_of_the_last_epoch_is_not_refused(tmp_path, capsys):
+    """A checkpoint written before the epoch's last batch still has steps to train."""
+    assert main(["fit", "--config", str(TINY), *QUICK, "--trainer.limit_train_batches", "3",
+                 "--trainer.max_steps", "2"]) == 0
+    code = main(["fit", "--config", str(TINY), *QUICK, "--trainer.limit_train_batches", "3",
+                 "--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--ckpt_path", "last"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    last = tmp_path / TINY_CHECKPOINTS / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+
+
 def tiny_model_checkpoint(path, **hyper_parameters) -> None:
     """A checkpoint of an untrained tiny-config network, its hyperparameters changed."""
     model_config = yaml.safe_load(TINY.read_text())["model"]

@@ -131,7 +131,7 @@ class _ProstlabCLI(LightningCLI):
     - ``--ckpt_path`` that is not a readable checkpoint, ``best`` (no best checkpoint is known
       before a run) and ``last`` without a ``last.ckpt`` are refused in one line.
     - ``fit`` that would train no step (``max_epochs`` 0, or a resumed checkpoint already at
-      ``max_steps``) is refused: Lightning would exit 0 and write nothing.
+      ``max_steps`` or ``max_epochs``) is refused: Lightning would exit 0 and write nothing.
     - ``fit`` holds its checkpoint folders' locks while it trains: a second ``fit`` into them
       (which would share ``last.ckpt``) is refused, naming the first.
     - ``test`` of a method with a ``net`` stage without trained weights (no ``--ckpt_path``, no
@@ -278,14 +278,15 @@ def _check_something_to_train(trainer, checkpoint: dict | None, path: str | None
     and says no more than an info line.
 
     That happens when ``max_epochs``, ``max_steps`` or ``limit_train_batches`` is 0, and when
-    the resumed ``checkpoint`` (read from ``path``) has reached ``max_steps`` already, which
-    counts from the start of the run, not from the resumed step.
+    the resumed ``checkpoint`` (read from ``path``) has reached ``max_steps`` or ``max_epochs``
+    already, which count from the start of the run, not from the resumed step.
     """
     for flag, expected in _NOTHING_TO_TRAIN.items():
         if getattr(trainer, flag) == 0:
             raise ProstlabError(f"--trainer.{flag} 0: trains nothing and writes no checkpoint; "
                                 f"{expected}")
-    step, limit = (checkpoint or {}).get("global_step"), trainer.max_steps
+    checkpoint = checkpoint or {}
+    step, limit = checkpoint.get("global_step"), trainer.max_steps
     if step is not None and limit != -1 and step >= limit:
         raise ProstlabError(
             f"--trainer.max_steps {limit}: {path} is at step {step} already, so resuming it "
@@ -293,6 +294,39 @@ def _check_something_to_train(trainer, checkpoint: dict | None, path: str | None
             f"so --trainer.max_steps {step + limit} trains {limit} more (or leave --ckpt_path "
             "out to start afresh)"
         )
+    done, limit = _epochs_done(checkpoint, steps_bound=limit != -1), trainer.max_epochs
+    if done is not None and limit not in (None, -1) and done >= limit:
+        raise ProstlabError(
+            f"--trainer.max_epochs {limit}: {path} has finished {done} epoch{'s' * (done != 1)} already (at step "
+            f"{step}), so resuming it trains nothing; expected more than {done}: max_epochs "
+            f"counts from the run's start, so --trainer.max_epochs {done + limit} trains "
+            f"{limit} more epoch{'s' * (limit != 1)} (or leave --ckpt_path out to start afresh)"
+        )
+
+
+def _epochs_done(checkpoint: dict, steps_bound: bool) -> int | None:
+    """The epochs that a ``fit`` resuming ``checkpoint`` counts as done (Lightning 2.6's
+    ``_FitLoop``); ``None`` for a checkpoint without the loops' state.
+
+    That is ``e = epoch_progress.current.processed`` (epochs whose end ran), plus one when the
+    checkpoint was written after an epoch's last batch and before the epoch's end: Lightning's
+    ``_FitLoop.reset`` then counts that epoch as processed, though the checkpoint's ``epoch``
+    still names it. Written so (``last.ckpt`` at an epoch's last step): the fit loop restarts
+    (the epoch is unfinished, ``current.started != e`` or ``current.ready != e``, or
+    ``steps_bound``: ``max_steps`` is set), the epoch counters stand mid-epoch (``total``:
+    started = ready = processed + 1, completed = processed), the batch counters after a batch's
+    end (``total``: started = ready = processed = completed + 1) and that batch was the last.
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit:
+        return None
+    epochs, batches = fit["epoch_progress"], fit["epoch_loop.batch_progress"]
+    done, current, e, b = (epochs["current"]["processed"], epochs["current"], epochs["total"],
+                           batches["total"])
+    restarting = steps_bound or current["started"] != done or current["ready"] != done
+    mid_epoch = e["started"] == e["ready"] == e["processed"] + 1 == e["completed"] + 1
+    after_batch = b["started"] == b["ready"] == b["processed"] == b["completed"] + 1
+    return done + int(restarting and mid_epoch and after_batch and batches["is_last_batch"])
 
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
