@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fake_devices import on_cuda
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera, geodesic_distance, geodesic_gradient, perturb
 from prostlab.projector import Projector
@@ -477,3 +478,34 @@ def test_training_loss_bad_input(case):
         geodesic_gradient_loss(geodesic, bad, gt)
     with pytest.raises(ProstlabError, match="trans_weight"):
         geodesic_gradient_loss(geodesic, current, gt, 1.0, -1.0)
+
+
+def test_a_network_built_on_meta_is_refused_naming_it(case):
+    """Its weights have no data; torch raised 'Tensor on device meta is not on the expected
+    device cpu!' from inside the network."""
+    projector, _, bone, spacing, gt, target = case
+    with torch.device("meta"):
+        net = _net(projector)
+    needle = r"^net: the ConvexSimilarityNet's weights are on the meta device.*to_empty"
+    for call in (lambda: net(bone, spacing, gt, target), lambda: net.embed_target(target),
+                 lambda: NetObjective(net, bone, spacing, target),
+                 lambda: NetObjective(net, bone, spacing, target, cache=False)):
+        with pytest.raises(ProstlabError, match=needle):
+            call()
+
+
+@pytest.mark.parametrize(
+    ("argument", "needle"),
+    [("bone_volume", "pose: on cpu, but bone_volume is on cuda:0"),
+     ("target", "target: on cuda:0, but net is on cpu"),
+     ("pose", "pose: on cuda:0, but bone_volume is on cpu")],
+)
+def test_inputs_on_another_device_than_the_network_are_refused(case, argument, needle):
+    projector, _, bone, spacing, gt, target = case
+    given = {"bone_volume": bone, "target": target, "pose": gt}
+    given[argument] = on_cuda(given[argument])
+    with pytest.raises(ProstlabError, match=rf"^{needle}; expected both on one device"):
+        _net(projector)(spacing=spacing, **given)
+    if argument == "bone_volume":  # the network's own check, which registration reaches
+        with pytest.raises(ProstlabError, match=r"^bone_volume: on cuda:0, but net is on cpu"):
+            _net(projector).lift(given["bone_volume"])

@@ -39,6 +39,7 @@ from prostlab.geometry import (
     so3_log,
     vee,
 )
+from prostlab.geometry.checks import check_same_device, check_weights_device
 
 F64 = torch.float64
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "geometry.md"
@@ -739,3 +740,22 @@ def test_depth_outside_beam_measures_the_box_past_the_detector_or_behind_the_sou
     # the last: a quarter turn about y puts the volume's x (10 mm) along the beam: z up to 1025
     expected = torch.tensor([0.0, 10.0, 20.0, 5.0], dtype=torch.float64)
     torch.testing.assert_close(depth_outside_beam(pose, camera, half), expected)
+
+
+def test_check_same_device_names_both_arguments_and_devices():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    check_same_device(("a", torch.zeros(1)), ("b", cpu), ("c", None), ("d", "not a tensor"))
+    with pytest.raises(ProstlabError, match=r"^b: on cuda:0, but a is on cpu; expected both on"):
+        check_same_device(("a", torch.zeros(1)), ("b", cuda))
+    with pytest.raises(ProstlabError, match=r"^b: expected a tensor on a real device"):
+        check_same_device(("a", cpu), ("b", torch.zeros(1, device="meta")))
+
+
+def test_check_weights_device_refuses_a_module_built_on_meta():
+    assert check_weights_device(torch.nn.Linear(2, 2), "net") == torch.device("cpu")
+    assert check_weights_device(torch.nn.ReLU(), "net") is None
+    with torch.device("meta"):
+        linear = torch.nn.Linear(2, 2)
+    with pytest.raises(ProstlabError, match=r"^net: the Linear's weights are on the meta device.*"
+                                            r"net.to_empty\(device=...\)"):
+        check_weights_device(linear, "net")

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from fake_devices import on_cuda
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera
 from prostlab.projector import Projector
@@ -263,6 +264,25 @@ def test_a_meta_tensor_is_refused_naming_the_argument(argument):
     given[argument] = given[argument].to("meta")
     with pytest.raises(ProstlabError, match=rf"^{argument}: expected a tensor on a real device"):
         if argument == "extrinsics":
+            projector.render(given["volume"], (1.0, 1.0, 1.0), given["extrinsics"])
+        else:
+            projector(given["volume"], (1.0, 1.0, 1.0), given["pose"])
+
+
+@pytest.mark.parametrize(
+    ("moved", "needle"),
+    [("pose", "pose: on cuda:0, but volume is on cpu"),
+     ("volume", "pose: on cpu, but volume is on cuda:0"),
+     ("extrinsics", "extrinsics: on cuda:0, but volume is on cpu")],
+)
+def test_inputs_on_two_devices_are_refused_naming_both(moved, needle):
+    """A volume on the CPU and a pose on a GPU failed inside a kernel, naming no argument."""
+    projector = Projector(small_camera(), step=1.0, backend="torch")
+    given = {"volume": torch.zeros(1, 1, 4, 4, 4), "pose": torch.zeros(1, 6)}
+    given["extrinsics"] = projector.camera.extrinsics(given["pose"])
+    given[moved] = on_cuda(given[moved])
+    with pytest.raises(ProstlabError, match=rf"^{needle}; expected both on one device"):
+        if moved == "extrinsics":
             projector.render(given["volume"], (1.0, 1.0, 1.0), given["extrinsics"])
         else:
             projector(given["volume"], (1.0, 1.0, 1.0), given["pose"])

@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
+from fake_devices import on_cuda
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera, geodesic_distance, perturb
 from prostlab.projector import Projector
@@ -24,7 +25,7 @@ from prostlab.registration import (
     stack_final_poses,
 )
 from prostlab.registration.levels import build_level
-from prostlab.similarity import DEFAULT_MOVING
+from prostlab.similarity import DEFAULT_MOVING, ConvexSimilarityNet
 
 F64 = torch.float64
 
@@ -569,3 +570,25 @@ def test_coarse_to_fine_ncc_converges(small_chest):
     assert all(len(r.switches) == 1 for r in result.records)  # both levels ran
     assert result.statuses == ["converged"] * 3
     assert bool((after < 1.0).all()), after
+
+
+@pytest.mark.parametrize("argument", ["initial_poses", "ct", "mask"])
+def test_register_refuses_tensors_on_two_devices_naming_both(argument):
+    camera = Camera(sdd=1020.0, sid=620.0, height=16, width=16, pixel_spacing=(20.0, 20.0))
+    given = {"target": torch.zeros(2, 1, 16, 16), "initial_poses": torch.zeros(2, 6),
+             "ct": torch.zeros(1, 1, 8, 8, 8), "mask": torch.ones(2, 1, 16, 16)}
+    given[argument] = on_cuda(given[argument])
+    with pytest.raises(ProstlabError, match=rf"^{argument}: on cuda:0, but target is on cpu"):
+        register(schedule="gradncc", projector=Projector(camera, step=10.0, backend="torch"),
+                 spacing=(10, 10, 10), **given)
+
+
+def test_register_refuses_a_network_built_on_meta():
+    camera = Camera(sdd=1020.0, sid=620.0, height=16, width=16, pixel_spacing=(20.0, 20.0))
+    projector = Projector(camera, step=10.0, backend="torch")
+    with torch.device("meta"):
+        net = ConvexSimilarityNet(projector, encoder_channels=[4], embedding_dim=4)
+    with pytest.raises(ProstlabError, match=r"^net: the ConvexSimilarityNet's weights are on "
+                                            r"the meta device"):
+        register(torch.zeros(2, 1, 16, 16), torch.zeros(2, 6), "net", projector=projector,
+                 spacing=(10, 10, 10), bone=torch.zeros(1, 1, 8, 8, 8), net=net)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from fake_devices import on_cuda
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera, perturb
 from prostlab.projector import Projector
@@ -184,6 +185,16 @@ def test_a_meta_image_is_refused_naming_the_argument(similarity, argument):
              "mask": torch.ones(2, 1, 8, 8, dtype=torch.float64)}
     given[argument] = given[argument].to("meta")
     with pytest.raises(ProstlabError, match=rf"^{argument}: expected a tensor on a real device"):
+        similarity(**given)
+
+
+@pytest.mark.parametrize("argument", ["y", "mask"])
+@pytest.mark.parametrize("similarity", [ncc, gradient_ncc, multiscale_ncc])
+def test_images_on_two_devices_are_refused_naming_both(similarity, argument):
+    given = {"x": _rand(2, 1, 8, 8), "y": _rand(2, 1, 8, 8, seed=1),
+             "mask": torch.ones(2, 1, 8, 8, dtype=torch.float64)}
+    given[argument] = on_cuda(given[argument])
+    with pytest.raises(ProstlabError, match=rf"^{argument}: on cuda:0, but x is on cpu; expected"):
         similarity(**given)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from prostlab.errors import ProstlabError
 
@@ -30,11 +30,60 @@ def check_real_device(x: Tensor, name: str) -> Tensor:
     their tensors here.
     """
     if x.device.type == "meta":
-        raise ProstlabError(
-            f"{name}: expected a tensor on a real device (cpu or cuda), got one on the meta "
-            "device, which holds no data"
-        )
+        raise _on_meta(name)
     return x
+
+
+def _on_meta(name: str) -> ProstlabError:
+    """The refusal of a tensor ``name`` on the meta device."""
+    return ProstlabError(
+        f"{name}: expected a tensor on a real device (cpu or cuda), got one on the meta device, "
+        "which holds no data"
+    )
+
+
+def check_weights_device(module: nn.Module, name: str) -> torch.device | None:
+    """The device of ``module``'s parameters and buffers (``None`` if it has none); refuse meta.
+
+    A module built under ``torch.device("meta")`` has weights with shapes but no data, and
+    torch failed inside it with ``Tensor on device meta is not on the expected device cpu!``.
+    Weights on several devices give the first one's; :func:`check_same_device` then compares it
+    with the inputs'.
+    """
+    devices = [w.device for w in (*module.parameters(), *module.buffers())]
+    if any(device.type == "meta" for device in devices):
+        raise ProstlabError(
+            f"{name}: the {type(module).__name__}'s weights are on the meta device, which holds "
+            f"no data; expected real weights: {name}.to_empty(device=...) (cpu or cuda), then "
+            "its weights loaded (load_state_dict)"
+        )
+    return devices[0] if devices else None
+
+
+def check_same_device(*named: tuple[str, object]) -> None:
+    """Refuse arguments on different devices, naming the first that differs and the first one.
+
+    Each of ``named`` is ``(name, x)``, ``x`` a tensor (only its ``.device`` is read), a
+    ``torch.device`` (a module's, from :func:`check_weights_device`), or anything else, which is
+    skipped (``None``, a value whose own check refuses it). torch refused a mix of cpu and cuda
+    deep inside a kernel, naming no argument, or copied silently where an operation allows it.
+    One on the meta device is refused as :func:`check_real_device` refuses it.
+    """
+    devices = [(name, x if isinstance(x, torch.device) else getattr(x, "device", None))
+               for name, x in named]
+    devices = [(name, device) for name, device in devices if isinstance(device, torch.device)]
+    for name, device in devices:
+        if device.type == "meta":
+            raise _on_meta(name)
+    if not devices:
+        return
+    first, expected = devices[0]
+    for name, device in devices[1:]:
+        if device != expected:
+            raise ProstlabError(
+                f"{name}: on {device}, but {first} is on {expected}; expected both on one "
+                "device (move one with .to(device))"
+            )
 
 
 def check_tensor(x: object, name: str, trailing: tuple[int, ...], form: str) -> Tensor:

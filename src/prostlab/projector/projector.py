@@ -9,7 +9,7 @@ from torch import nn
 
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera, check_pose
-from prostlab.geometry.checks import check_real_device
+from prostlab.geometry.checks import check_real_device, check_same_device
 from prostlab.projector.autograd import project
 from prostlab.projector.backends import BACKENDS, resolve_backend
 from prostlab.projector.rays import RayBundle
@@ -49,12 +49,14 @@ class Projector(nn.Module):
     def forward(self, volume: torch.Tensor, spacing: Sequence[float], pose: torch.Tensor):
         """DRRs of ``volume`` (voxel ``spacing`` in mm, array-axis order) at ``pose`` (B, 6)."""
         check_pose(pose)
+        check_same_device(("volume", volume), ("pose", pose))
         return self.render(volume, spacing, self.camera.extrinsics(pose))
 
     def render(self, volume: torch.Tensor, spacing: Sequence[float], extrinsics: torch.Tensor):
         """DRRs at extrinsic matrices ``[R | t + sid e_z]`` (B, 3, 4), camera-from-volume."""
         _check_volume(volume, extrinsics.shape[0])
         check_real_device(extrinsics, "extrinsics")
+        check_same_device(("volume", volume), ("extrinsics", extrinsics))
         dtype = volume.dtype if volume.dtype in (torch.float32, torch.float64) else torch.float32
         R, t = extrinsics[:, :, :3].to(dtype), extrinsics[:, :, 3:].to(dtype)
         M = torch.cat((R.transpose(1, 2), -R.transpose(1, 2) @ t), dim=2)

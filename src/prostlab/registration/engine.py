@@ -29,11 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from prostlab.errors import ProstlabError
 from prostlab.geometry import perturb
-from prostlab.geometry.checks import check_batched, check_real_device
+from prostlab.geometry.checks import (
+    check_batched,
+    check_real_device,
+    check_same_device,
+    check_weights_device,
+)
 from prostlab.registration.levels import build_level
 from prostlab.registration.schedule import Schedule, Stage, load_schedule
 
@@ -451,6 +456,9 @@ def register(
             )
         if volume is not None:
             check_real_device(volume, name)
+    weights = check_weights_device(net, "net") if isinstance(net, nn.Module) else None
+    check_same_device(("target", target), ("initial_poses", starts), ("ct", ct), ("bone", bone),
+                      ("mask", mask), ("net", weights))
 
     levels = {}
     for k, stage in enumerate(schedule.stages):

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from prostlab.errors import ProstlabError
 from prostlab.geometry import Camera, check_pose
-from prostlab.geometry.checks import check_real_device
+from prostlab.geometry.checks import check_real_device, check_same_device, check_weights_device
 from prostlab.projector import Projector
 
 __all__ = ["ACTIVATIONS", "ConvexSimilarityNet", "minmax_normalise"]
@@ -306,6 +306,7 @@ class ConvexSimilarityNet(nn.Module):
         with respect to the bone volume itself, which prostlab never takes, would miss them
         (``bone_only = False`` projects the whole volume).
         """
+        check_same_device(("lifted", lifted), ("pose", pose))
         box = _bone_box(lifted) if self.bone_only and lifted.device.type == "cpu" else None
         if box is None:
             return self.projector(lifted, spacing, pose)
@@ -328,6 +329,7 @@ class ConvexSimilarityNet(nn.Module):
 
     def embed_pose(self, bone_volume: Tensor, spacing: Sequence[float], pose: Tensor) -> Tensor:
         """The embedding of the bone volume seen at ``pose`` (B, 6): ``(B, E)``."""
+        check_same_device(("bone_volume", bone_volume), ("pose", pose))
         return self.embed_projection(self.render(self.lift(bone_volume), spacing, pose))
 
     def embed_target(self, target: Tensor) -> Tensor:
@@ -361,8 +363,7 @@ class ConvexSimilarityNet(nn.Module):
         """
         return self.distance(self.embed_pose(bone_volume, spacing, pose), self.embed_target(target))
 
-    @staticmethod
-    def _check_bone(bone_volume: object) -> None:
+    def _check_bone(self, bone_volume: object) -> None:
         if not isinstance(bone_volume, Tensor) or bone_volume.ndim != 5:
             got = (
                 tuple(bone_volume.shape)
@@ -378,6 +379,7 @@ class ConvexSimilarityNet(nn.Module):
                 f"(B | 1, 1, D, H, W), got shape {tuple(bone_volume.shape)}, {bone_volume.dtype}"
             )
         check_real_device(bone_volume, "bone_volume")
+        check_same_device(("net", check_weights_device(self, "net")), ("bone_volume", bone_volume))
 
     def _check_target(self, target: object) -> None:
         camera = self.camera
@@ -393,3 +395,4 @@ class ConvexSimilarityNet(nn.Module):
         if not target.is_floating_point():
             raise ProstlabError(f"target: expected a floating-point tensor, got {target.dtype}")
         check_real_device(target, "target")
+        check_same_device(("net", check_weights_device(self, "net")), ("target", target))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prostlab.errors import ProstlabError
-from prostlab.geometry.checks import check_real_device
+from prostlab.geometry.checks import check_real_device, check_same_device
 
 __all__ = ["GradientNCCLoss", "NCCLoss", "gradient_ncc", "ncc", "sobel"]
 
@@ -53,6 +53,7 @@ def _check_images(x: object, y: object) -> tuple[Tensor, Tensor]:
                 f"{name}: expected a floating-point tensor, got dtype {image.dtype}"
             )
         check_real_device(image, name)
+    check_same_device(("x", x), ("y", y))
     if x.shape[1:] != y.shape[1:]:
         raise ProstlabError(
             f"y: expected shape (B, C, H, W) = (B, {', '.join(map(str, x.shape[1:]))}) like x, "
@@ -75,6 +76,7 @@ def _check_mask(mask: object, x: Tensor, y: Tensor) -> Tensor | None:
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ProstlabError(f"mask: expected a tensor of shape {form}, got {got}")
     check_real_device(mask, "mask")
+    check_same_device(("x", x), ("mask", mask))
     if (
         mask.shape[0] not in (1, batch)
         or mask.shape[1] not in (1, channels)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from prostlab.errors import ProstlabError
-from prostlab.geometry.checks import check_real_device
+from prostlab.geometry.checks import check_real_device, check_same_device
 from prostlab.projector import Projector
 from prostlab.similarity.convex_net import ConvexSimilarityNet
 from prostlab.similarity.ncc import GradientNCCLoss, NCCLoss
@@ -84,6 +84,7 @@ class ImageObjective(nn.Module):
             )
         _check_tensor(volume, "volume", 5, "(B | 1, C, D, H, W)")
         _check_tensor(target, "target", 4, "(B | 1, C, h, w)")
+        check_same_device(("volume", volume), ("target", target), ("mask", mask))
         camera = projector.camera
         if tuple(target.shape[2:]) != (camera.height, camera.width):
             raise ProstlabError(
