@@ -759,3 +759,19 @@ def test_check_weights_device_refuses_a_module_built_on_meta():
     with pytest.raises(ProstlabError, match=r"^net: the Linear's weights are on the meta device.*"
                                             r"net.to_empty\(device=...\)"):
         check_weights_device(linear, "net")
+
+
+def test_so3_gives_a_mixed_batch_the_bits_and_gradients_of_its_items_one_by_one():
+    """so3_exp and so3_log skip the branches (series, near pi) that no item of a batch takes:
+    a batch mixing every branch must give each item what that item alone gives, bit for bit,
+    in value and gradient."""
+    omega = rotvecs_with_angles([0.0, 1e-3, 0.05, 0.7, 2.0, 3.1], seed=5)
+    for fn in (so3_exp, lambda w: so3_log(so3_exp(w) @ so3_exp(omega[3:4].flip(-1)))):
+        batch = omega.clone().requires_grad_()
+        out = fn(batch)
+        (grad,) = torch.autograd.grad(out.sin().sum(), batch)
+        for i in range(len(omega)):
+            one = omega[i : i + 1].clone().requires_grad_()
+            out_one = fn(one)
+            (grad_one,) = torch.autograd.grad(out_one.sin().sum(), one)
+            assert torch.equal(out_one[0], out[i]) and torch.equal(grad_one[0], grad[i]), i

@@ -85,3 +85,23 @@ def test_cuda_kernels_in_morton_order_match_torch(dtype, monkeypatch):
     rays, vol, M, dM, g = _to_cuda(*camera_case("centred", dtype, 2, 3))
     assert rays.tiled() is not None
     compare_primitives(CupyBackend(), TorchBackend(), rays, vol, M, dM, g, TOLERANCE[dtype])
+
+
+def test_a_cameras_rays_are_built_once_and_tiled_once():
+    """A registration renders through one camera hundreds of times: the bundle and its Morton
+    order are made once per camera, grid, spacing, step, dtype and device."""
+    from prostlab.geometry import Camera
+
+    camera = Camera(sdd=1020, sid=620, height=12, width=11, pixel_spacing=(2.0, 2.0))
+    args = ((2.0, 2.0, 2.0), (8, 8, 8), 1.5, torch.float32, "cpu")
+    rays = RayBundle.from_camera(camera, *args)
+    assert RayBundle.from_camera(camera, [2, 2, 2], torch.Size((8, 8, 8)), 1.5, torch.float32,
+                                 torch.device("cpu")) is rays
+    assert rays.tiled() is rays.tiled()
+    fresh = camera.ray_directions(torch.float32)
+    torch.testing.assert_close(rays.directions, fresh / fresh.norm(dim=-1, keepdim=True),
+                               rtol=0, atol=0)
+    wider = Camera(sdd=1020, sid=620, height=12, width=11, pixel_spacing=(3.0, 3.0))
+    assert RayBundle.from_camera(wider, *args) is not rays
+    assert RayBundle.from_camera(camera, (2.0, 2.0, 2.0), (8, 8, 8), 1.5, torch.float64,
+                                 "cpu").directions.dtype == torch.float64

@@ -47,12 +47,17 @@ def _small_angle_sq(dtype: torch.dtype) -> float:
 def _angle_functions(theta_sq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Return ``(sin t / t, (1 - cos t) / t^2, (t - sin t) / t^3)`` for ``t^2 = theta_sq``."""
     small = theta_sq < _small_angle_sq(theta_sq.dtype)
+    some_small = bool(small.any())
+    if some_small and bool(small.all()):  # only the series are selected: skip the closed forms
+        return tuple(_series(k, theta_sq) for k in (_SIN_OVER_T, _ONE_MINUS_COS, _T_MINUS_SIN))
     x = torch.where(small, torch.ones_like(theta_sq), theta_sq)  # the closed forms never see 0
     t = torch.sqrt(x)
     a = torch.sin(t) / t
     half = torch.sin(0.5 * t) / (0.5 * t)
     b = 0.5 * half * half  # (1 - cos t) / t^2 = 2 sin^2(t/2) / t^2, free of cancellation
     c = (1.0 - a) / x
+    if not some_small:  # nor the series (the same values and gradients as the where's)
+        return a, b, c
     return (
         torch.where(small, _series(_SIN_OVER_T, theta_sq), a),
         torch.where(small, _series(_ONE_MINUS_COS, theta_sq), b),
@@ -237,6 +242,8 @@ def so3_log(matrix: Tensor) -> Tensor:
     # Generic angles: theta / sin(theta) times s; y is kept away from 0 where unused.
     y = torch.sqrt(torch.where(near_zero | near_pi, one, y_sq))
     generic = (torch.atan2(y, cos) / y)[..., None] * s
+    if not bool((near_zero | near_pi).any()):  # the other branches would not be selected
+        return generic
 
     c_safe = torch.where(near_zero, cos, one)
     small = (_series(_ATAN_OVER_Z, y_sq / (c_safe * c_safe)) / c_safe)[..., None] * s

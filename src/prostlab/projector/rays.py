@@ -44,6 +44,18 @@ def morton_order(height: int, width: int) -> torch.Tensor:
     return torch.argsort(code)
 
 
+_CACHED_BUNDLES = 8
+"""How many ray bundles :meth:`RayBundle.from_camera` keeps (cameras, volume grids, dtypes)."""
+
+
+@functools.lru_cache(maxsize=_CACHED_BUNDLES)
+def _camera_rays(camera, spacing, grid, step, dtype, device) -> RayBundle:
+    rays = camera.ray_directions(dtype=dtype, device=device)
+    lengths = rays.norm(dim=-1)
+    return RayBundle(rays / lengths[:, None], lengths, spacing, grid, step,
+                     (camera.height, camera.width))
+
+
 @dataclass(frozen=True)
 class RayBundle:
     """Camera rays and the sampled volume's grid, fixed for one rendering call.
@@ -67,7 +79,12 @@ class RayBundle:
 
     @staticmethod
     def from_camera(camera, spacing, grid, step: float, dtype, device) -> RayBundle:
-        """Build the rays of ``camera`` for a volume of array shape ``grid`` and ``spacing``."""
+        """Build the rays of ``camera`` for a volume of array shape ``grid`` and ``spacing``.
+
+        The same arguments give the same bundle (the last :data:`_CACHED_BUNDLES` are kept): a
+        registration renders through one camera hundreds of times. Its tensors are shared, so
+        they are never changed in place.
+        """
         spacing = tuple(float(s) for s in spacing)
         if len(spacing) != 3 or not all(s > 0 for s in spacing):
             raise ProstlabError(
@@ -76,10 +93,8 @@ class RayBundle:
         if not (step > 0 and math.isfinite(step)):
             raise ProstlabError(f"step: expected a positive sampling distance in mm, got {step}")
         check_samples_per_ray(grid, spacing, step)
-        rays = camera.ray_directions(dtype=dtype, device=device)
-        lengths = rays.norm(dim=-1)
-        return RayBundle(rays / lengths[:, None], lengths, spacing, tuple(grid), float(step),
-                         (camera.height, camera.width))
+        return _camera_rays(camera, spacing, tuple(int(n) for n in grid), float(step), dtype,
+                            torch.device(device) if device is not None else None)
 
     def tiled(self) -> tuple[RayBundle, torch.Tensor] | None:
         """The same rays in Morton order of their pixels, and that order ``(P,)``.
@@ -88,13 +103,16 @@ class RayBundle:
         and ``p + 1`` of the result are neighbours in both image directions, so a thread that
         walks them in turn reads the same volume region twice while it is still cached; an
         image computed on them comes back in row order as ``image[..., order] = tiled_image``.
+        Computed once per bundle.
         """
         if self.detector is None:
             return None
-        order = morton_order(*self.detector).to(self.directions.device)
-        rays = RayBundle(self.directions[order], self.lengths[order], self.spacing, self.grid,
-                         self.step)
-        return rays, order
+        if "_tiled" not in self.__dict__:  # frozen: memoised beside the fields
+            order = morton_order(*self.detector).to(self.directions.device)
+            rays = RayBundle(self.directions[order], self.lengths[order], self.spacing,
+                             self.grid, self.step)
+            self.__dict__["_tiled"] = (rays, order)
+        return self.__dict__["_tiled"]
 
     @property
     def half_support(self) -> tuple[float, float, float]:

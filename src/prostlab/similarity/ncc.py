@@ -29,6 +29,8 @@ value.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -96,10 +98,16 @@ def _check_mask(mask: object, x: Tensor, y: Tensor) -> Tensor | None:
 
 def _patch_matrix(size: int, parts: int, like: Tensor) -> Tensor:
     """``(parts, size)`` 0/1 matrix: row ``i`` marks the pixels ``r`` with ``floor(r parts / size)
-    = i``, so ``parts`` patches, as equal as integers allow, tile the axis."""
-    patch_of_pixel = torch.arange(size, device=like.device) * parts // size
-    parts_index = torch.arange(parts, device=like.device)
-    return (patch_of_pixel[None, :] == parts_index[:, None]).to(like.dtype)
+    = i``, so ``parts`` patches, as equal as integers allow, tile the axis (of ``like``'s dtype
+    and device; made once per size, count, dtype and device: never change it in place)."""
+    return _patch_matrix_of(size, parts, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=32)
+def _patch_matrix_of(size: int, parts: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    patch_of_pixel = torch.arange(size, device=device) * parts // size
+    parts_index = torch.arange(parts, device=device)
+    return (patch_of_pixel[None, :] == parts_index[:, None]).to(dtype)
 
 
 def _ncc(
