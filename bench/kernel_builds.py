@@ -2,6 +2,7 @@
 
     python bench/kernel_builds.py [--revision 76d00cd] [--threads 1] [--repeats 11]
         [--cases training registration cube128 cube256]
+        [--ct PATH ... [--views AP axial ...] [--detectors 128 256]] [--primitives forward ...]
 
 For each case (a random smooth volume, ProST's camera at the case's detector, two or one poses a
 few degrees apart) and each primitive the training step and registration call (the forward
@@ -17,6 +18,11 @@ Cases: ``training`` is configs/cpu.yaml's step (64^3, 2 channels: the lifted bon
 detector, batch 2, 3.5 mm steps); ``registration`` is what ``prostlab register`` projects
 (64^3, 1 channel, 64^2, 1 pose); ``cube128`` and ``cube256`` the bundled cube's size and the
 256^3 preparation at ProST's detector sizes (128^2 and 256^2, 1.75 mm steps).
+
+``--ct`` adds a case per stored CT (a NIfTI, as ``bench/projector.py --volumes full`` reads it:
+its own grid and spacing, HU to attenuation), view and detector, with ``bench/projector.py``'s
+camera, views and step: the volumes no cache holds. ``--primitives`` picks what is timed
+(default all five; the volume vjp of a 512 x 512 CT takes seconds a call).
 """
 
 from __future__ import annotations
@@ -92,12 +98,11 @@ def primitives(backend, rays, vol, M, dM, g):
     }
 
 
-def compare(case: str, earlier: CpuKernelBackend, today: CpuKernelBackend,
-            repeats: int) -> list[list[str]]:
-    data = problem(case)
+def compare(case: str, data, earlier: CpuKernelBackend, today: CpuKernelBackend,
+            repeats: int, names: list[str]) -> list[list[str]]:
     before, now = primitives(earlier, *data), primitives(today, *data)
     rows = []
-    for name in before:
+    for name in names:
         same = all(torch.equal(a, b) for a, b in zip(before[name](), now[name](), strict=True))
         times = {"before": [], "now": []}
         for _ in range(3):
@@ -112,16 +117,48 @@ def compare(case: str, earlier: CpuKernelBackend, today: CpuKernelBackend,
     return rows
 
 
+def stored_ct_cases(paths: list[Path], views: list[str], detectors: list[int]):
+    """``(label, (rays, vol, M, dM, g))`` of each stored CT, view and detector (module
+    docstring), with bench/projector.py's loading, camera and poses."""
+    import projector as views_bench
+
+    for path in paths:
+        ct = views_bench.full_ct(path)
+        vol, spacing = ct["volume"].float().contiguous(), ct["spacing"]
+        for pixels in detectors:
+            camera = Camera(sdd=views_bench.SDD, sid=views_bench.SID, height=pixels,
+                            width=pixels, pixel_spacing=(views_bench.DETECTORS[pixels],) * 2)
+            rays = RayBundle.from_camera(camera, spacing, vol.shape[2:], views_bench.STEP,
+                                         torch.float32, "cpu")
+            generator = torch.Generator().manual_seed(0)
+            for view in views:
+                pose = torch.tensor([views_bench.VIEWS[view]], dtype=torch.float64)
+                M = views_bench.camera_to_volume(camera, pose, ct["base"])[:, :3]
+                dM = torch.randn(1, 3, 4, generator=generator) * 0.01
+                g = torch.randn(1, 1, rays.directions.shape[0], generator=generator)
+                label = f"{views_bench.ct_label(path)} {view} {pixels}²"
+                yield label, (rays, vol, M.float().contiguous(), dM, g)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--revision", default="76d00cd")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--ct", type=Path, nargs="*", default=[],
+                        help="stored CTs (NIfTI) to add as cases, each view and detector")
+    parser.add_argument("--views", nargs="+", default=["AP", "axial", "oblique30"])
+    parser.add_argument("--detectors", type=int, nargs="+", default=[128], choices=[128, 256])
+    names = list(primitives(None, *[None] * 5))
+    parser.add_argument("--primitives", nargs="+", default=names, choices=names)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     earlier, today = kernels_at(args.revision), CpuKernelBackend()
-    rows = [row for case in args.cases for row in compare(case, earlier, today, args.repeats)]
+    cases = [(case, problem(case)) for case in args.cases]
+    rows = []
+    for case, data in [*cases, *stored_ct_cases(args.ct, args.views, args.detectors)]:
+        rows += compare(case, data, earlier, today, args.repeats, args.primitives)
     print(f"\nmachine: {machine_facts()}\nload average: {load_average()}\n")
     print(markdown_table(["case", "primitive", f"ms, kernels at {args.revision}", "ms, today",
                           "speed-up", "same bits"], rows))

@@ -314,3 +314,29 @@ def test_move_aside_never_replaces_a_file(tmp_path):
         assert not path.exists()
     assert names == ["last-step000036.ckpt", "last-step000036-2.ckpt", "last-step-unknown.ckpt"]
     assert torch.load(tmp_path / names[0], weights_only=True) == {"global_step": 36}
+
+
+def test_fitting_a_module_built_on_meta_names_the_network(tmp_path):
+    """Trainer.fit of a module built under torch.device("meta") failed with torch's 'Cannot copy
+    out of meta tensor; no data!' as Lightning moved it; the module's setup now refuses it first
+    (Lightning's teardown then fails to move it back, with prostlab's error as its context)."""
+    from omegaconf import OmegaConf
+
+    from prostlab.data import PoseDataModule
+    from prostlab.errors import ProstlabError
+
+    config = OmegaConf.to_container(OmegaConf.load(TINY), resolve=True)
+    with torch.device("meta"):
+        module = ConvexSimilarityModule(**config["model"])
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    with pytest.raises(BaseException) as raised:
+        trainer.fit(module, datamodule=PoseDataModule(**config["data"]))
+    chain, error = [], raised.value
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    refusals = [e for e in chain if isinstance(e, ProstlabError)]
+    assert refusals and str(refusals[0]).startswith(
+        "model.net: the ConvexSimilarityNet's weights are on the meta device"), chain

@@ -26,6 +26,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from prostlab.geometry import Camera, geodesic_gradient
+from prostlab.geometry.checks import check_weights_device
 from prostlab.lightning.augment import TrainingAugmentation
 from prostlab.lightning.benchmark import BenchmarkLoop
 from prostlab.lightning.checkpoint import load_net_weights
@@ -115,6 +116,9 @@ class ConvexSimilarityModule(BenchmarkLoop, pl.LightningModule):
 
     # -------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
+        # Before Lightning moves the module to its device: a network built on meta has nothing
+        # to copy, and torch said only "Cannot copy out of meta tensor".
+        check_weights_device(self.net, "model.net")
         if self.volumes is None:
             datamodule = self.trainer.datamodule
             datamodule.setup(stage)
