@@ -190,10 +190,10 @@ inline void store(const Launch<float>& L, const Rays8& rays, int b, int ch, F8 a
     L.out[L.image_index(b, ch, rays.p0 + l)] = value[l];
 }
 
-// forward_body and jvp_body of prost.cu (jvp = true: the derivative along dM) for eight rays.
-template <bool jvp>
-inline void line_integrals(const Launch<float>& L, int b, int p0) {
-  const Rays8 rays(L, b, p0);
+// forward_body and jvp_body of prost.cu (jvp = true: the derivative along dM) for eight rays,
+// looking ahead or not (a template parameter: a test in the loop slowed the walks that do not).
+template <bool jvp, bool prefetch>
+inline void line_integrals(const Launch<float>& L, int b, const Rays8& rays) {
   f8 dc[3], dw[3];  // Velocity of each lane's ray
   if (jvp) {
     for (int l = 0; l < kLanes; ++l) {
@@ -205,7 +205,6 @@ inline void line_integrals(const Launch<float>& L, int b, int p0) {
       }
     }
   }
-  const bool prefetch = prefetch_pays(rays, L);
   for (int c0 = 0; c0 < L.C; c0 += kChannelTile) {
     F8 acc[kChannelTile];
     for (long long k = rays.k_lo; k < rays.k_hi; ++k) {
@@ -240,9 +239,9 @@ inline void line_integrals(const Launch<float>& L, int b, int p0) {
 
 // vjp_walk<float, second_order, false, true> for eight rays, then each lane's
 // add_pose_gradient in lane order (the order the scalar kernel adds the rays in).
-template <bool second_order>
-inline void pose_gradient(const Launch<float>& L, int b, int p0) {
-  const Rays8 rays(L, b, p0);
+template <bool second_order, bool prefetch>
+inline void pose_gradient(const Launch<float>& L, int b, const Rays8& rays) {
+  const int p0 = rays.p0;
   f8 dc[3], dw[3];
   for (int l = 0; l < kLanes; ++l) {
     const float d[3] = {rays.d[0][l], rays.d[1][l], rays.d[2][l]};
@@ -254,7 +253,6 @@ inline void pose_gradient(const Launch<float>& L, int b, int p0) {
   }
   F8 S0[3], S1[3];
   for (int a = 0; a < 3; ++a) S0[a] = S1[a] = rays.poison;
-  const bool prefetch = prefetch_pays(rays, L);
   for (long long k = rays.k_lo; k < rays.k_hi; ++k) {
     if (prefetch && k + kLanePrefetch < rays.k_hi)
       prefetch_cells(rays, k + kLanePrefetch, L, L.vol + L.channel_offset(b, 0));
@@ -302,14 +300,24 @@ inline void pose_gradient(const Launch<float>& L, int b, int p0) {
 // threadIdx.x on. A scatter into gvol is not done in lanes: false, and the scalar kernel runs.
 template <bool jvp>
 inline bool line_integrals_of_block(const Launch<float>& L) {
-  line_integrals<jvp>(L, blockIdx.y, blockIdx.x * blockDim.x + threadIdx.x);
+  const Rays8 rays(L, blockIdx.y, blockIdx.x * blockDim.x + threadIdx.x);
+  if (prefetch_pays(rays, L)) {
+    line_integrals<jvp, true>(L, blockIdx.y, rays);
+  } else {
+    line_integrals<jvp, false>(L, blockIdx.y, rays);
+  }
   return true;
 }
 
 template <bool second_order>
 inline bool pose_gradient_of_block(const Launch<float>& L) {
   if (L.need_vol || !L.need_M) return false;
-  pose_gradient<second_order>(L, blockIdx.y, blockIdx.x * blockDim.x + threadIdx.x);
+  const Rays8 rays(L, blockIdx.y, blockIdx.x * blockDim.x + threadIdx.x);
+  if (prefetch_pays(rays, L)) {
+    pose_gradient<second_order, true>(L, blockIdx.y, rays);
+  } else {
+    pose_gradient<second_order, false>(L, blockIdx.y, rays);
+  }
   return true;
 }
 
