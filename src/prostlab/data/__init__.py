@@ -2,9 +2,12 @@
 
 The public entry points are :func:`prepare_ct` (a CT file -> a prepared directory) and
 :func:`load_prepared` (a prepared directory -> :class:`PreparedCT` of :class:`Volume` s).
+
+:class:`PoseDataModule` and :class:`PoseCaseDataset` are imported on first use: they need
+PyTorch Lightning, whose import took 4 of the 5 seconds that ``prostlab register``, ``render``
+and ``prepare`` spent starting up.
 """
 
-from prostlab.data.datamodule import PoseCaseDataset, PoseDataModule
 from prostlab.data.example import example_path
 from prostlab.data.intensity import MU_WATER, fill_outside_fov, hu_to_mu
 from prostlab.data.io import load_image, save_nifti
@@ -53,3 +56,14 @@ __all__ = [
     "segment",
     "spacing_of",
 ]
+
+
+_LIGHTNING = ("PoseCaseDataset", "PoseDataModule")
+
+
+def __getattr__(name: str):
+    if name in _LIGHTNING:
+        from prostlab.data import datamodule
+
+        return getattr(datamodule, name)
+    raise AttributeError(f"module 'prostlab.data' has no attribute {name!r}")
