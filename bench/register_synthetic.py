@@ -14,6 +14,11 @@ over bone voxels and the mean projection distance at the isocentre (mPD).
     python bench/register_synthetic.py --cases 12 --methods mncc --rotation-deg 20 \
         --translation-mm 80 --target-ct cache/chest_256 [--search] --out ...
 
+``--xray-dir DIR`` keeps each X-ray (``DIR/case<N>.dcm``) and its start (``DIR/case<N>.init``,
+the ``--init`` values), so the command itself can be timed end to end:
+``prostlab register --xray DIR/case0.dcm --ct data/chest_ct_128 --detector 128 128
+--downsample 2 --step 3.5 --init $(cat DIR/case0.init) --out reg``.
+
 ``--target-ct`` renders the X-rays from another preparation of the same scan (the shared
 full-resolution chest CT prepared to 256^3 with the same bones, so the same cube and frame:
 ``prostlab prepare --ct ../shared/data/chest_ct/ct.nii.gz --labels
@@ -78,6 +83,9 @@ def main() -> None:
     parser.add_argument("--detector", type=int, nargs=2, default=[64, 64],
                         help="the registration's detector (rows, columns)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--xray-dir", type=Path, default=None,
+                        help="keep the X-rays here (case<N>.dcm), with case<N>.init: the start's "
+                             "--init values, to time the prostlab register command on them")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,17 +100,21 @@ def main() -> None:
     law = PoseDistribution.from_config({"preset": "prost"}, "ground_truth")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        folder = args.xray_dir or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         for case in range(args.cases):
             generator = case_generator(7, case)
             gt = law.sample(1, generator).to(torch.float64)
             start = _start(gt, args.rotation_deg, args.translation_mm, generator)
-            xray = Path(tmp) / f"case{case}.dcm"
+            init = [*torch.rad2deg(start[0, :3]).tolist(), *start[0, 3:].tolist()]
+            xray = folder / f"case{case}.dcm"
             write_synthetic_dicom(xray, target_ct.ct, gt, FINE, bits_stored=12, seed=case)
+            (folder / f"case{case}.init").write_text(" ".join(f"{v:.6f}" for v in init) + "\n")
             for method in args.methods:
                 net = method.startswith("net")
                 settings = RegisterSettings(
                     xray=xray, ct=example_path(), out=Path(tmp) / "unused", method=method,
-                    init=[*torch.rad2deg(start[0, :3]).tolist(), *start[0, 3:].tolist()],
+                    init=init,
                     ckpt_path=CKPT if net else None, detector=tuple(args.detector), step=3.5,
                     downsample=2, search=args.search)
                 problem = prepare_problem(settings)

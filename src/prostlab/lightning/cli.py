@@ -133,7 +133,8 @@ class _ProstlabCLI(LightningCLI):
     - ``fit`` that would train no step (``max_epochs`` 0, or a resumed checkpoint already at
       ``max_steps`` or ``max_epochs``) is refused: Lightning would exit 0 and write nothing.
     - ``fit`` holds its checkpoint folders' locks while it trains: a second ``fit`` into them
-      (which would share ``last.ckpt``) is refused, naming the first.
+      (which would share ``last.ckpt``) is refused, naming the first. A multi-process run's
+      first process holds them for all of its processes.
     - ``test`` of a method with a ``net`` stage without trained weights (no ``--ckpt_path``, no
       ``model.init_weights``) is refused, as ``prostlab register`` refuses it.
     - ``data.camera`` is ``model.camera``, linked: real X-rays are fitted to the model's detector.
@@ -248,10 +249,20 @@ class _ProstlabCLI(LightningCLI):
         second ``fit`` into them (which would share ``last.ckpt``) is refused while this runs."""
         folders = {os.path.realpath(f): f
                    for f in _checkpoint_folders(self.trainer, check_save_last=False)}
+        if _launched_worker(self.trainer):  # its run's first process holds them
+            folders = {}
         with contextlib.ExitStack() as locks:
             for folder in folders.values():
                 locks.enter_context(exclusive_folder(folder, "checkpoint folder"))
             self.trainer.fit(**kwargs)
+
+
+def _launched_worker(trainer) -> bool:
+    """Whether this process is one that a multi-process run started besides its first (a DDP
+    rank other than 0, which Lightning's launcher or torchrun starts with ``RANK``,
+    ``LOCAL_RANK`` or ``NODE_RANK`` set): it writes into the first process's folders."""
+    ranks = (os.environ.get(name, "0") for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    return trainer.global_rank != 0 or any(rank not in ("", "0") for rank in ranks)
 
 
 def _prostlab_error_in(exc: BaseException) -> ProstlabError | None:
