@@ -183,14 +183,19 @@ def fresh_output_dir(path: str | Path, overwrite: bool = False, what: str = "--o
     Raises ``ProstlabError`` naming the folder when it is a file, is not empty and ``overwrite``
     is false, or is not writable (:func:`check_writable_dir`). Returns the folder, created.
     """
-    path = Path(path)
+    _check_empty(Path(path), overwrite, what)
+    return check_writable_dir(path, what)
+
+
+def _check_empty(path: Path, overwrite: bool, what: str) -> None:
+    """Refuse a folder ``path`` that holds more than prostlab's bookkeeping, unless
+    ``overwrite``."""
     if path.is_dir() and not overwrite and any(p.name not in _BOOKKEEPING
                                                for p in path.iterdir()):
         raise ProstlabError(
             f"{what} {path}: is not empty; pass --overwrite to replace its results, or "
             "choose a new folder"
         )
-    return check_writable_dir(path, what)
 
 
 @contextlib.contextmanager
@@ -206,7 +211,8 @@ def output_folder(path: str | Path, overwrite: bool = False, what: str = "--out"
     existed = path.exists()
     try:
         with exclusive_folder(check_writable_dir(path, what), what):
-            yield fresh_output_dir(path, overwrite, what)
+            _check_empty(path, overwrite, what)
+            yield path
     except BaseException:
         if not existed:
             with contextlib.suppress(OSError):

@@ -42,7 +42,7 @@ from prostlab.limits import (
 )
 from prostlab.outputs import atomic_path, record_outputs
 from prostlab.projector import Projector
-from prostlab.projector.rays import check_samples_per_ray
+from prostlab.projector.rays import check_samples_per_ray, support_half_sides
 from prostlab.viz.images import save_drr_png
 
 POSE_COLUMNS = ("rx_deg", "ry_deg", "rz_deg", "tx_mm", "ty_mm", "tz_mm")
@@ -227,7 +227,7 @@ def warn_cut_by_the_beam(volume: Volume, camera: Camera, poses: torch.Tensor,
     isocentre a few mm before the detector (``--sid`` close to ``--sdd``) cuts the volume in half.
     Not refused: a box with air margins may reach past the detector with its anatomy inside.
     """
-    half = [(n + 1) / 2 * s for n, s in zip(volume.shape[1:], volume.spacing, strict=True)]
+    half = support_half_sides(volume.shape[1:], volume.spacing)
     past = depth_outside_beam(poses.to(torch.float64), camera, half)
     cut = torch.nonzero(past > 0).flatten().tolist()
     if not cut:

@@ -247,10 +247,9 @@ class _ProstlabCLI(LightningCLI):
     def fit(self, **kwargs) -> None:
         """``trainer.fit`` with the checkpoint folders locked (:func:`exclusive_folder`): a
         second ``fit`` into them (which would share ``last.ckpt``) is refused while this runs."""
-        folders = {os.path.realpath(f): f
-                   for f in _checkpoint_folders(self.trainer, check_save_last=False)}
-        if _launched_worker(self.trainer):  # its run's first process holds them
-            folders = {}
+        folders = {} if _launched_worker(self.trainer) else {  # (its first process holds them)
+            os.path.realpath(f): f for f in _checkpoint_folders(self.trainer, check_save_last=False)
+        }
         with contextlib.ExitStack() as locks:
             for folder in folders.values():
                 locks.enter_context(exclusive_folder(folder, "checkpoint folder"))

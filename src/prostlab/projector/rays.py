@@ -116,8 +116,8 @@ class RayBundle:
 
     @property
     def half_support(self) -> tuple[float, float, float]:
-        """Half-sides (mm) of the box outside which the interpolant is zero: (N_a + 1) / 2 * s_a."""
-        return tuple((n + 1) / 2 * s for n, s in zip(self.grid, self.spacing, strict=True))
+        """Half-sides (mm) of the box outside which the interpolant is zero (:func:`support_half_sides`)."""
+        return support_half_sides(self.grid, self.spacing)
 
     def sample_range(self, M: torch.Tensor, rays: slice | None = None):
         """First sample index and sample count of each ray inside the volume's support.
@@ -163,11 +163,18 @@ class RayBundle:
         return k_first.long(), count.long()
 
 
+def support_half_sides(grid, spacing) -> tuple[float, ...]:
+    """Half-sides (mm) of the projector's support for a volume of array shape ``grid`` and voxel
+    ``spacing``: ``(N_a + 1) / 2 * s_a``, a voxel beyond the outermost voxel centres, where the
+    zero-padded trilinear interpolant vanishes."""
+    return tuple((n + 1) / 2 * s for n, s in zip(grid, spacing, strict=True))
+
+
 def check_samples_per_ray(grid, spacing, step: float) -> int:
     """The most samples a ray takes through a volume of array shape ``grid`` and voxel
     ``spacing`` (mm) at ``step`` mm, ``floor(2 |h| / step) + 1`` with ``h`` the half-sides of the
     support; refused with a ``ProstlabError`` above :data:`MAX_SAMPLES_PER_RAY`."""
-    diagonal = 2 * math.sqrt(sum(((n + 1) / 2 * s) ** 2 for n, s in zip(grid, spacing, strict=True)))
+    diagonal = 2 * math.sqrt(sum(h * h for h in support_half_sides(grid, spacing)))
     samples = math.floor(diagonal / step) + 1
     if samples > MAX_SAMPLES_PER_RAY:
         raise ProstlabError(
