@@ -6,13 +6,14 @@
 
 For each case (a random smooth volume, ProST's camera at the case's detector, two or one poses a
 few degrees apart) and each primitive the training step and registration call (the forward
-projection; its jvp; the pose-only vjp and jvp_vjp; the volume vjp), the two builds are called
+projection; its jvp; the pose-only vjp and jvp_vjp; the volume's jvp_vjp and vjp), the two builds are called
 in turn, ``--repeats`` times each after three warm-ups, and the medians of their wall times are
 compared. The earlier build is ``kernels/`` as of git ``--revision`` (default 76d00cd: the
 kernels before issue 20's unrolled loops and vector lanes), compiled with today's flags; both
 run on ``--threads`` threads in the same process, so machine load slows them alike. The table
-also says whether the two builds' results have the same bits (they should: the changes keep
-each ray's arithmetic and order; a volume gradient summed in other orders would not).
+also says whether the two builds' results have the same bits (images and pose gradients should:
+the changes keep each ray's arithmetic and order; a volume gradient scattered in lanes adds the
+same terms in another order than one ray at a time, so it need not).
 
 Cases: ``training`` is configs/cpu.yaml's step (64^3, 2 channels: the lifted bone volume, 64^2
 detector, batch 2, 3.5 mm steps); ``registration`` is what ``prostlab register`` projects
@@ -22,7 +23,7 @@ detector, batch 2, 3.5 mm steps); ``registration`` is what ``prostlab register``
 ``--ct`` adds a case per stored CT (a NIfTI, as ``bench/projector.py --volumes full`` reads it:
 its own grid and spacing, HU to attenuation), view and detector, with ``bench/projector.py``'s
 camera, views and step: the volumes no cache holds. ``--primitives`` picks what is timed
-(default all five; the volume vjp of a 512 x 512 CT takes seconds a call).
+(default all six).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def primitives(backend, rays, vol, M, dM, g):
         "jvp": lambda: (backend.jvp(rays, vol, M, dM),),
         "vjp (pose)": lambda: backend.vjp(rays, vol, M, g, need_vol=False)[1:],
         "jvp_vjp (pose)": lambda: backend.jvp_vjp(rays, vol, M, dM, g, need_vol=False)[1:],
+        "jvp_vjp (volume)": lambda: backend.jvp_vjp(rays, vol, M, dM, g, need_M=False)[:1],
         "vjp (volume)": lambda: backend.vjp(rays, vol, M, g, need_M=False)[:1],
     }
 

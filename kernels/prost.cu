@@ -203,7 +203,7 @@ __device__ __forceinline__ void vjp_body(const Launch<T>& L) {
   }                                                                            \
   PROST_HOST_EXPORT(name)
 
-// The float kernels that read the volume only also have a host version walking eight rays per
+// The float kernels also have a host version walking eight rays per
 // call in vector lanes (emulation/lanes.h; the cpu backend's build): LANES(L) runs the lanes of
 // emulated threads threadIdx.x, ..., threadIdx.x + 7, or returns false for a launch it does not
 // cover, which then runs the scalar kernel thread by thread.
@@ -222,9 +222,9 @@ PROST_KERNEL_LANES(prost_forward_f32, float, prost::lanes::line_integrals_of_blo
 PROST_KERNEL(prost_forward_f64, double, prost::forward_body<double>)
 PROST_KERNEL_LANES(prost_jvp_f32, float, prost::lanes::line_integrals_of_block<true>, prost::jvp_body<float>)
 PROST_KERNEL(prost_jvp_f64, double, prost::jvp_body<double>)
-PROST_KERNEL_LANES(prost_vjp_f32, float, prost::lanes::pose_gradient_of_block<false>,
+PROST_KERNEL_LANES(prost_vjp_f32, float, prost::lanes::gradients_of_block<false>,
                    prost::vjp_body<float, false>)
 PROST_KERNEL(prost_vjp_f64, double, prost::vjp_body<double, false>)
-PROST_KERNEL_LANES(prost_jvp_vjp_f32, float, prost::lanes::pose_gradient_of_block<true>,
+PROST_KERNEL_LANES(prost_jvp_vjp_f32, float, prost::lanes::gradients_of_block<true>,
                    prost::vjp_body<float, true>)
 PROST_KERNEL(prost_jvp_vjp_f64, double, prost::vjp_body<double, true>)

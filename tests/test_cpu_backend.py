@@ -159,20 +159,30 @@ def gradients(backend, case):
 
 
 def reads_only(backend, case):
-    """What the cpu backend walks eight rays at a time in vector lanes (kernels/emulation/
-    lanes.h): forward, jvp, and the pose-only vjp and jvp_vjp."""
+    """The passes that only read the volume: forward, jvp, and the pose-only vjp and jvp_vjp."""
     rays, vol, M, dM, g = case
     return (backend.forward(rays, vol, M), backend.jvp(rays, vol, M, dM),
             backend.vjp(rays, vol, M, g, need_vol=False)[1],
             backend.jvp_vjp(rays, vol, M, dM, g, need_vol=False)[1])
 
 
+def scattering(backend, case):
+    """The passes that scatter a volume gradient, with the pose gradient and without:
+    ``(volume gradients, pose gradients)`` of vjp and jvp_vjp."""
+    rays, vol, M, dM, g = case
+    both = (backend.vjp(rays, vol, M, g), backend.jvp_vjp(rays, vol, M, dM, g))
+    alone = (backend.vjp(rays, vol, M, g, need_M=False)[0],
+             backend.jvp_vjp(rays, vol, M, dM, g, need_M=False)[0])
+    return [gvol for gvol, _ in both] + list(alone), [gM for _, gM in both]
+
+
 @pytest.mark.parametrize("layout", ["linear", "bricks"])
 @pytest.mark.parametrize("case", ["centred", "face", "miss", "nan", "exact", "shared", "large"])
 def test_lanes_give_the_scalar_kernels_bits(case, layout):
     """The cpu build's lanes do each ray's arithmetic in the scalar kernel's order: float32
-    results equal, bit for bit, those of the scalar emulation build (kernels one ray at a time,
-    compiled without lanes) in the same ray order and fixed-order sums. "miss" has a pose that
+    images and pose gradients equal, bit for bit, those of the scalar emulation build (kernels
+    one ray at a time, compiled without lanes) in the same ray order and fixed-order sums, and
+    volume gradients to rounding. "miss" has a pose that
     misses every ray, "nan" a pose with a NaN translation (NaN images and gM for it); "large" a
     volume of 2^23 voxels a channel crossed by rays 24 voxels apart, 40 samples each, where the
     lanes prefetch the cells 16 samples ahead (lanes.h, prefetch_pays)."""
@@ -196,11 +206,18 @@ def test_lanes_give_the_scalar_kernels_bits(case, layout):
         backend.brick_min_voxels = 0
         backend.layout_trials = 0
     ours, theirs = reads_only(lanes, data), reads_only(scalar, data)
+    (volume, pose), (scalar_volume, scalar_pose) = scattering(lanes, data), scattering(scalar, data)
+    ours, theirs = ours + tuple(pose), theirs + tuple(scalar_pose)
     assert all(t.nan_to_num().abs().sum() > 0 for t in ours)
     assert all(t.isnan().any() == (case == "nan") for t in ours)
     for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
         assert torch.equal(a.isnan(), b.isnan())
+    # The volume gradient's terms are the scalar kernel's, added to each voxel with the eight
+    # rays' samples interleaved: equal to rounding.
+    for a, b in zip(volume, scalar_volume, strict=True):
+        assert a.isfinite().all() and a.abs().sum() > 0
+        assert relative_error(a, b) < 1e-5
 
 
 @pytest.mark.parametrize("threads", [1, 2])

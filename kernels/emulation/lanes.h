@@ -1,4 +1,4 @@
-// Eight rays at a time in the lanes of an AVX2 vector: the host's forward, jvp and pose-only vjp.
+// Eight rays at a time in the lanes of an AVX2 vector: the host's float32 kernels.
 //
 // The cpu backend runs prost.cu's kernels one emulated thread (one ray) after another, and a
 // sample's scalar work (its cell, the eight trilinear weights, the gathers of each channel) is
@@ -11,9 +11,11 @@
 // the union of the eight ranges, absolute sample index k, and a lane adds nothing where k lies
 // outside its own range. The Weights formulas of prost_common.cuh are reused on the F8 type.
 //
-// Only what reads the volume is here (forward, jvp, and vjp / jvp_vjp when only the pose
-// gradient is asked for); scattering into the volume's gradient stays one ray at a time (eight
-// lanes would collide on shared corners). Float only; double runs the scalar kernels.
+// Images and pose gradients have the scalar kernel's bits. A volume gradient is scattered from
+// the lanes one ray after another at each sample (neighbouring rays share corners), into the
+// host worker's own copy: the scalar kernel's terms, added to a voxel in another order, so equal
+// to rounding. Float only; double, and the volume gradients summed by atomics or in fixed point
+// (the GPU's reductions, emulated), run the scalar kernels.
 // Compiled into the cpu backend (-DPROST_HOST_LANES, AVX2), never into the GPU's kernels or the
 // single-threaded emulation the tests compare them with.
 
@@ -237,10 +239,32 @@ inline void line_integrals(const Launch<float>& L, int b, const Rays8& rays) {
   }
 }
 
-// vjp_walk<float, second_order, false, true> for eight rays, then each lane's
-// add_pose_gradient in lane order (the order the scalar kernel adds the rays in).
-template <bool second_order, bool prefetch>
-inline void pose_gradient(const Launch<float>& L, int b, const Rays8& rays) {
+// own[corner n] += coeff[n] for each lane of mask where the corner exists, lane after lane (the
+// order of the rays), as Cell::scatter does into a host worker's copy of gvol.
+inline void scatter_lanes(float* own, const Cell8& cell, i8 mask, const F8 coeff[8]) {
+  i8 at[8];
+  int exists[8];
+  for (int n = 0; n < 8; ++n) {
+    at[n] = cell.index(n);
+    exists[n] = _mm256_movemask_ps((__m256)cell.inside(n, mask));
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    PROST_UNROLL
+    for (int n = 0; n < 8; ++n)
+      if (exists[n] >> l & 1) own[at[n][l]] += coeff[n].v[l];
+  }
+}
+
+// vjp_walk<float, second_order, need_vol, need_M> for eight rays: each lane computes the scalar
+// kernel's coefficients and pose-gradient sums, operation for operation. The pose gradient is
+// then added lane by lane (the order the scalar kernel adds its rays in): the same bits. The
+// volume gradient is scattered sample by sample, the eight rays in turn, into the worker's copy
+// of gvol: the same terms as the scalar kernel's, added to a voxel in another order (its rays'
+// samples interleaved), so equal to rounding, and the same bits from run to run.
+// (flatten: inline every call, which g++ stopped doing for the pose-only walk once the volume's
+// walks were compiled beside it: 0.8x its speed.)
+template <bool second_order, bool need_vol, bool need_M, bool prefetch>
+__attribute__((flatten)) inline void gradients(const Launch<float>& L, int b, const Rays8& rays) {
   const int p0 = rays.p0;
   f8 dc[3], dw[3];
   for (int l = 0; l < kLanes; ++l) {
@@ -251,11 +275,14 @@ inline void pose_gradient(const Launch<float>& L, int b, const Rays8& rays) {
       dw[a][l] = vel.dw[a];
     }
   }
+  float* own = need_vol ? L.gvol + host_worker() * L.gvol_copy : nullptr;
   F8 S0[3], S1[3];
   for (int a = 0; a < 3; ++a) S0[a] = S1[a] = rays.poison;
   for (long long k = rays.k_lo; k < rays.k_hi; ++k) {
-    if (prefetch && k + kLanePrefetch < rays.k_hi)
-      prefetch_cells(rays, k + kLanePrefetch, L, L.vol + L.channel_offset(b, 0));
+    if (prefetch && k + kLanePrefetch < rays.k_hi) {
+      if (need_M) prefetch_cells(rays, k + kLanePrefetch, L, L.vol + L.channel_offset(b, 0));
+      if (need_vol) prefetch_cells(rays, k + kLanePrefetch, L, own + L.channel_offset(b, 0));
+    }
     const i8 live = rays.active(k);
     const float tau = float(k) * L.step;
     const Cell8 cell(rays, tau, L);
@@ -263,28 +290,44 @@ inline void pose_gradient(const Launch<float>& L, int b, const Rays8& rays) {
     F8 dq[3];
     if (second_order)
       for (int a = 0; a < 3; ++a) dq[a] = (dc[a] + tau * dw[a]) * L.inv_s[a];
+    F8 rate[8];
+    if (need_vol) {
+      PROST_UNROLL
+      for (int n = 0; n < 8; ++n) rate[n] = second_order ? wt.weight_rate(n, dq) : wt.weight(n);
+    }
     F8 mixed[8];
     for (int ch = 0; ch < L.C; ++ch) {
       f8 gs{};
       for (int l = 0; l < kLanes && p0 + l < L.P; ++l)
         gs[l] = L.g[L.image_index(b, ch, p0 + l)] * L.step;
-      F8 v[8];
-      cell.gather_corners(L.vol + L.channel_offset(b, ch), live, v);
-      PROST_UNROLL
-      for (int n = 0; n < 8; ++n) mixed[n] += F8(gs) * v[n];
+      if (need_vol) {
+        F8 coeff[8];
+        PROST_UNROLL
+        for (int n = 0; n < 8; ++n) coeff[n] = F8(gs) * rate[n];
+        scatter_lanes(own + L.channel_offset(b, ch), cell, live, coeff);
+      }
+      if (need_M) {
+        F8 v[8];
+        cell.gather_corners(L.vol + L.channel_offset(b, ch), live, v);
+        PROST_UNROLL
+        for (int n = 0; n < 8; ++n) mixed[n] += F8(gs) * v[n];
+      }
     }
-    F8 gq[3];
-    if (second_order) {
-      wt.hessian_times(mixed, dq, gq);
-    } else {
-      wt.gradient(mixed, gq);
-    }
-    for (int a = 0; a < 3; ++a) {
-      const F8 gx = gq[a] * F8(L.inv_s[a]);
-      S0[a].v = select(live, (S0[a] + gx).v, S0[a].v);
-      S1[a].v = select(live, (S1[a] + F8(tau) * gx).v, S1[a].v);
+    if (need_M) {
+      F8 gq[3];
+      if (second_order) {
+        wt.hessian_times(mixed, dq, gq);
+      } else {
+        wt.gradient(mixed, gq);
+      }
+      for (int a = 0; a < 3; ++a) {
+        const F8 gx = gq[a] * F8(L.inv_s[a]);
+        S0[a].v = select(live, (S0[a] + gx).v, S0[a].v);
+        S1[a].v = select(live, (S1[a] + F8(tau) * gx).v, S1[a].v);
+      }
     }
   }
+  if (!need_M) return;
   const unsigned first = threadIdx.x;
   for (int l = 0; l < kLanes; ++l) {
     threadIdx.x = first + l;
@@ -296,8 +339,17 @@ inline void pose_gradient(const Launch<float>& L, int b, const Rays8& rays) {
   threadIdx.x = first;
 }
 
+template <bool second_order, bool need_vol, bool need_M>
+inline void gradients_of_rays(const Launch<float>& L, int b, const Rays8& rays) {
+  if (prefetch_pays(rays, L)) {
+    gradients<second_order, need_vol, need_M, true>(L, b, rays);
+  } else {
+    gradients<second_order, need_vol, need_M, false>(L, b, rays);
+  }
+}
+
 // The launch entries (prost.cu, PROST_KERNEL_LANES): the eight emulated threads from
-// threadIdx.x on. A scatter into gvol is not done in lanes: false, and the scalar kernel runs.
+// threadIdx.x on.
 template <bool jvp>
 inline bool line_integrals_of_block(const Launch<float>& L) {
   const Rays8 rays(L, blockIdx.y, blockIdx.x * blockDim.x + threadIdx.x);
@@ -309,14 +361,19 @@ inline bool line_integrals_of_block(const Launch<float>& L) {
   return true;
 }
 
+// The vjp and jvp_vjp kernels' lanes: the pose gradient, the volume gradient scattered into a
+// host worker's own copy (gvol_copy), or both. A volume gradient summed by atomics or in fixed
+// point (the launches that emulate the GPU's reductions) is left to the scalar kernel: false.
 template <bool second_order>
-inline bool pose_gradient_of_block(const Launch<float>& L) {
-  if (L.need_vol || !L.need_M) return false;
+inline bool gradients_of_block(const Launch<float>& L) {
+  if (L.need_vol && !(L.gvol_copy > 0 && !(L.gvol_fixed > 0.0f))) return false;
   const Rays8 rays(L, blockIdx.y, blockIdx.x * blockDim.x + threadIdx.x);
-  if (prefetch_pays(rays, L)) {
-    pose_gradient<second_order, true>(L, blockIdx.y, rays);
-  } else {
-    pose_gradient<second_order, false>(L, blockIdx.y, rays);
+  if (L.need_vol && L.need_M) {
+    gradients_of_rays<second_order, true, true>(L, blockIdx.y, rays);
+  } else if (L.need_vol) {
+    gradients_of_rays<second_order, true, false>(L, blockIdx.y, rays);
+  } else if (L.need_M) {
+    gradients_of_rays<second_order, false, true>(L, blockIdx.y, rays);
   }
   return true;
 }

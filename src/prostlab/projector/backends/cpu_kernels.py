@@ -4,11 +4,11 @@ The kernels of the CUDA backend, built by g++ through the host-emulation header
 (``kernels/emulation/cuda_host.h``) with ``-O3 -fopenmp``: a launch runs its 128-ray blocks in
 parallel on ``torch.get_num_threads()`` threads. Same four primitives, arguments and results (to
 rounding) as the torch reference, on CPU tensors, without anything of size rays x samples in
-memory. On a CPU with AVX2, the float32 passes that only read the volume (forward, jvp, and the
-pose-only vjp and jvp_vjp) walk eight neighbouring rays at once in vector lanes
-(``kernels/emulation/lanes.h``), each lane with the scalar kernel's arithmetic in its order: the
-same bits, 2-4x faster (bench/RESULTS.md). Scattering into the volume's gradient stays one ray at
-a time.
+memory. On a CPU with AVX2, the float32 passes walk eight neighbouring rays at once in vector
+lanes (``kernels/emulation/lanes.h``), each lane with the scalar kernel's arithmetic in its
+order, 2-4x faster (bench/RESULTS.md): images and pose gradients have the same bits; a volume
+gradient, scattered from the lanes ray after ray at each sample, has the same terms added to a
+voxel in another order (equal to rounding).
 
 Its sums across threads are done in a fixed order (prost_common.cuh, "the reductions"), so that
 the same inputs on the same number of threads give the same bits: the pose gradient in slots of
