@@ -43,6 +43,7 @@ grid_sample.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -98,12 +99,20 @@ def _dilate(mask: Tensor) -> Tensor:
     return mask
 
 
-def _gather_rows(table: Tensor, index: Tensor) -> Tensor:
-    """``table[index]``, (N, C), for a table (R, C) and indices (N,); a table of one column is
-    gathered as a vector (four times faster on the CPU than rows of one number)."""
-    if table.shape[1] == 1:
-        return table.reshape(-1).index_select(0, index).unsqueeze(1)
-    return table.index_select(0, index)
+def _neighbourhoods(flat: Tensor, at: Tensor, plane: int, row: int) -> Tensor:
+    """``flat[at[n] + o_t]`` for the 27 offsets ``o_t`` of a voxel's 3 x 3 x 3 neighbours in a
+    padded volume of ``plane`` voxels a slice and ``row`` a row, flattened (1-D, no gradient):
+    ``(27, N)``, tap ``t`` in (D, H, W) order. Each tap gathers by ``at`` from ``flat`` shifted
+    by its offset, which sweeps memory in order and computes no index of size 27 x N (several
+    times faster than gathering by such an index, for int64 tables most of all). Every ``at``
+    must lie a slice, a row and a voxel inside the padding."""
+    base = plane + row + 1
+    length = flat.shape[0] - 2 * base
+    shifted = at - base
+    out = flat.new_empty(27, len(at))
+    for t, (a, b, c) in enumerate(itertools.product(range(3), repeat=3)):
+        torch.index_select(flat.narrow(0, a * plane + b * row + c, length), 0, shifted, out=out[t])
+    return out
 
 
 def _convolutions_on_support(lifter: nn.Sequential, x: Tensor, support: Tensor) -> Tensor | None:
@@ -114,48 +123,50 @@ def _convolutions_on_support(lifter: nn.Sequential, x: Tensor, support: Tensor) 
     ``lifter`` alternates 3 x 3 x 3 convolutions (zero padding 1) and activations. A
     convolution's output at a voxel reads the voxel and its 26 neighbours, so the ``i``-th of
     ``n`` convolutions is needed on the support grown ``n - i`` times. Each convolution runs as
-    one matrix product: the neighbourhoods of the voxels where it is needed, gathered as rows of
-    its input (padding voxels read a row of zeros), times its weights; or, with fewer output
-    than input channels, the input rows times each of the 27 taps, of which each voxel gathers
-    and sums its neighbours' (fewer numbers to gather, and to scatter in the backward).
+    one matrix product on columns, one per voxel where it is needed, channels down a column: its
+    weights ``(out, in x 27)`` times the neighbourhoods gathered as columns ``(in x 27, N)``
+    (padding voxels read a column of zeros); or, with fewer output than input channels, the
+    27 taps' weights ``(27 x out, in)`` times the input columns, of which each voxel gathers and
+    sums its neighbours' (fewer numbers to gather, and to scatter in the backward). Tap by tap,
+    the gathers and their backward's scatters sweep memory in order (:func:`_neighbourhoods`).
     """
     convolutions, activations = list(lifter)[0::2], list(lifter)[1::2]
     sizes = x.shape[2:]
     pad = (1,) * 6
     # Voxels are indexed in the zero-padded volume, so that every neighbour has an index.
     plane, row = (sizes[1] + 2) * (sizes[2] + 2), sizes[2] + 2
-    r = torch.arange(-1, 2, device=x.device)
-    offsets = (r[:, None, None] * plane + r[None, :, None] * row + r[None, None, :]).reshape(-1)
     inside = F.pad(torch.ones_like(support), pad)
     needed = [F.pad(support, pad)]
     for _ in convolutions[1:]:
         needed.append(_dilate(needed[-1]) & inside)
     if 2 * int(needed[-1].sum()) >= support.numel():
         return None
-    rows = F.pad(x, pad).reshape(-1, 1)  # the first convolution's input, one row per voxel
-    lookup = None  # padded voxel -> its row of the next input (None: the voxel's index)
+    columns = F.pad(x, pad).reshape(1, -1)  # the first convolution's input, a column per voxel
+    lookup = None  # padded voxel -> its column of the current input (None: the voxel's index)
     for i, (conv, mask) in enumerate(zip(convolutions, reversed(needed), strict=True)):
         at = mask.reshape(-1).nonzero().squeeze(1)
-        neighbours = at[:, None] + offsets
         if lookup is not None:
-            neighbours = lookup.index_select(0, neighbours.reshape(-1)).reshape(neighbours.shape)
-        if conv.out_channels < conv.in_channels:  # the 27 taps on the input rows, then gather
-            taps = conv.weight.permute(1, 2, 3, 4, 0).reshape(conv.in_channels, -1)
-            per_tap = (rows @ taps).reshape(-1, conv.out_channels)  # row * 27 + tap
-            tap = torch.arange(27, device=x.device)
-            picked = _gather_rows(per_tap, (neighbours * 27 + tap).reshape(-1))
-            out = picked.reshape(len(at), 27, -1).sum(dim=1) + conv.bias
+            neighbours = _neighbourhoods(lookup, at, plane, row)  # (27, N): their columns
+        if lookup is not None and conv.out_channels < conv.in_channels:
+            # the 27 taps on the input columns, then each voxel gathers its neighbours'
+            taps = conv.weight.permute(2, 3, 4, 0, 1).reshape(-1, conv.in_channels)
+            per_tap = (taps @ columns).reshape(27, conv.out_channels, columns.shape[1])
+            index = neighbours[:, None, :].expand(-1, conv.out_channels, -1)
+            out = per_tap.gather(2, index).sum(dim=0) + conv.bias[:, None]
         else:  # gather the neighbourhoods, then one product with the weights
-            patches = _gather_rows(rows, neighbours.reshape(-1)).reshape(len(at), -1)
-            weight = conv.weight.permute(0, 2, 3, 4, 1).reshape(conv.out_channels, -1)
-            out = torch.addmm(conv.bias, patches, weight.t())
+            if lookup is None:  # the first convolution reads the padded volume itself
+                patches = _neighbourhoods(columns[0], at, plane, row)
+            else:
+                patches = columns.index_select(1, neighbours.reshape(-1))
+            out = torch.addmm(conv.bias[:, None], conv.weight.reshape(conv.out_channels, -1),
+                              patches.reshape(-1, len(at)))
         if i < len(activations):
             out = activations[i](out)
-            rows = torch.cat((out, out.new_zeros(1, out.shape[1])))
+            columns = torch.cat((out, out.new_zeros(out.shape[0], 1)), dim=1)
             lookup = torch.full((mask.numel(),), len(at), dtype=torch.long, device=x.device)
             lookup[at] = torch.arange(len(at), device=x.device)
-    z = out.new_zeros(needed[0].numel(), out.shape[1]).index_put((at,), out)
-    z = z.reshape(x.shape[0], *(n + 2 for n in sizes), out.shape[1]).permute(0, 4, 1, 2, 3)
+    z = out.new_zeros(out.shape[0], needed[0].numel()).index_copy(1, at, out)
+    z = z.reshape(out.shape[0], x.shape[0], *(n + 2 for n in sizes)).transpose(0, 1)
     return z[:, :, 1:-1, 1:-1, 1:-1]
 
 
