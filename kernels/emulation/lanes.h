@@ -144,7 +144,38 @@ struct Cell8 {
   }
   // v[n] = channel[corner n] in the lanes of mask where the corner exists, else 0.
   void gather_corners(const float* channel, i8 mask, F8 v[8]) const {
+    if (pairs_adjacent(mask)) {
+      for (int n = 0; n < 8; n += 2) gather_pair(channel, n, inside(n, mask), v);
+      return;
+    }
     for (int n = 0; n < 8; ++n) v[n] = gather(channel, index(n), inside(n, mask));
+  }
+  // Whether, in every lane of mask, corners n and n + 1 (one voxel apart along axis 2) both
+  // exist or both do not, and lie side by side in memory (the linear layout, or a cell inside
+  // one brick): then one 64-bit load reads the pair.
+  bool pairs_adjacent(i8 mask) const {
+    const i8 apart = (off[2][1] - off[2][0]) != 1;
+    const i8 edge = ~(lo[2] & hi[2]);
+    return _mm256_movemask_ps((__m256)((apart | edge) & mask)) == 0;
+  }
+  // v[n], v[n + 1] (n even) for the lanes of exists, 0 elsewhere: two gathers of four 64-bit
+  // pairs, split into the pairs' first and second floats (the same values as eight-float gathers
+  // of each corner, in half the gathers).
+  void gather_pair(const float* channel, int n, i8 exists, F8 v[8]) const {
+    const __m256i at = (__m256i)index(n);
+    const __m256i live = (__m256i)exists;
+    const long long* base = reinterpret_cast<const long long*>(channel);
+    const __m256i low = _mm256_mask_i32gather_epi64(
+        _mm256_setzero_si256(), base, _mm256_castsi256_si128(at),
+        _mm256_cvtepi32_epi64(_mm256_castsi256_si128(live)), 4);
+    const __m256i high = _mm256_mask_i32gather_epi64(
+        _mm256_setzero_si256(), base, _mm256_extracti128_si256(at, 1),
+        _mm256_cvtepi32_epi64(_mm256_extracti128_si256(live, 1)), 4);
+    // low = (a0 b0 a1 b1 | a2 b2 a3 b3), high = (a4 b4 ... a7 b7): the a's and the b's, in order.
+    const __m256 first = _mm256_shuffle_ps((__m256)low, (__m256)high, 0x88);
+    const __m256 second = _mm256_shuffle_ps((__m256)low, (__m256)high, 0xDD);
+    v[n] = (f8)_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(first), 0xD8));
+    v[n + 1] = (f8)_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(second), 0xD8));
   }
 };
 
