@@ -19,6 +19,12 @@ the ``--init`` values), so the command itself can be timed end to end:
 ``prostlab register --xray DIR/case0.dcm --ct data/chest_ct_128 --detector 128 128
 --downsample 2 --step 3.5 --init $(cat DIR/case0.init) --out reg``.
 
+``--before-kernels REV`` also registers each case with the ``cpu`` backend built from
+``kernels/`` as of git revision ``REV``, alternating with today's build in one process, and adds
+the median seconds of both: the kernels' share of a change, apart from the machine's speed, which
+can wander between runs (bench/RESULTS.md). Both builds reach the same poses (their images and
+pose gradients have the same bits).
+
 ``--target-ct`` renders the X-rays from another preparation of the same scan (the shared
 full-resolution chest CT prepared to 256^3 with the same bones, so the same cube and frame:
 ``prostlab prepare --ct ../shared/data/chest_ct/ct.nii.gz --labels
@@ -36,11 +42,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, load_average, machine_facts, markdown_table  # noqa: E402
+from kernel_builds import kernels_at  # noqa: E402
 from prostlab.data import example_path, load_prepared  # noqa: E402
 from prostlab.data.poses import PoseDistribution, case_generator  # noqa: E402
 from prostlab.geometry import Camera, perturb  # noqa: E402
@@ -49,6 +57,7 @@ from prostlab.metrics.functional import (  # noqa: E402
     mtre,
     rotation_error,
 )
+from prostlab.projector.backends import cpu_kernels  # noqa: E402
 from prostlab.xray import write_synthetic_dicom  # noqa: E402
 from prostlab.xray.register import RegisterSettings, prepare_problem, run  # noqa: E402
 
@@ -83,6 +92,8 @@ def main() -> None:
     parser.add_argument("--detector", type=int, nargs=2, default=[64, 64],
                         help="the registration's detector (rows, columns)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--before-kernels", default=None, metavar="REV",
+                        help="also time each case with the cpu kernels of this git revision")
     parser.add_argument("--xray-dir", type=Path, default=None,
                         help="keep the X-rays here (case<N>.dcm), with case<N>.init: the start's "
                              "--init values, to time the prostlab register command on them")
@@ -97,6 +108,8 @@ def main() -> None:
             target_ct.meta.get("centre_world_ras_mm") != moving.meta.get("centre_world_ras_mm")):
         raise SystemExit(f"{args.target_ct}: not the bundled cube's frame (side and centre differ)")
     points = _bone_points(moving)
+    cpu_kernels.cpu_backend()  # built before anything is timed
+    before = kernels_at(args.before_kernels) if args.before_kernels else None
     law = PoseDistribution.from_config({"preset": "prost"}, "ground_truth")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,6 +131,11 @@ def main() -> None:
                     ckpt_path=CKPT if net else None, detector=tuple(args.detector), step=3.5,
                     downsample=2, search=args.search)
                 problem = prepare_problem(settings)
+                before_seconds = None
+                if before is not None:  # the same case with the earlier kernels, first
+                    with mock.patch.object(cpu_kernels, "_backend", before):
+                        earlier = run(problem, settings.search_space, settings.search)
+                    before_seconds = earlier.result.records[0].wall_time
                 cpu_start = time.process_time()
                 registration = run(problem, settings.search_space, settings.search)
                 cpu_seconds = time.process_time() - cpu_start
@@ -135,6 +153,7 @@ def main() -> None:
                     "iterations": registration.result.records[0].n_iterations,
                     "seconds": registration.result.records[0].wall_time,
                     "cpu_seconds": cpu_seconds,
+                    **({"seconds_before_kernels": before_seconds} if before else {}),
                 })
                 print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()},
                       flush=True)
@@ -146,7 +165,8 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     keys = ("final_mtre_mm", "final_mpd_mm", "rotation_error_deg", "inplane_error_mm",
-            "depth_error_mm", "seconds", "cpu_seconds")
+            "depth_error_mm", "seconds", "cpu_seconds", *(["seconds_before_kernels"] if before
+                                                          else []))
     table = []
     for method in args.methods:
         mine = [r for r in rows if r["method"] == method]
@@ -163,7 +183,9 @@ def main() -> None:
             f"{args.detector[1]}, {torch.get_num_threads()} torch thread(s), load average "
             f"{load_average()} at the end. Medians:\n\n"
             + markdown_table(["method", "mTRE < 2 mm", "mTRE mm", "mPD mm", "rotation deg",
-                              "in-plane mm", "depth mm", "seconds", "CPU seconds"], table) + "\n")
+                              "in-plane mm", "depth mm", "seconds", "CPU seconds",
+                              *([f"seconds, kernels of {args.before_kernels}"] if before
+                                else [])], table) + "\n")
     (out / "summary.md").write_text(text)
     print(text)
 
