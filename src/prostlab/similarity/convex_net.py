@@ -23,9 +23,10 @@ image still fades out smoothly as bone leaves the field of view. The CNN sees ``
 (``mu_scale`` = mu of water by default), so its input is of order 1. Since ``f_c`` is zero
 wherever ``mu`` is, ``z`` is only needed on the bone: on the CPU, for a bone volume that needs no
 gradient, the CNN runs on the bone's voxels and the neighbourhoods they read
-(:meth:`ConvexSimilarityNet.lift`), the same values at a fifth of the dense convolutions' time
-on the CPU recipe's 64^3 chest (bench/RESULTS.md, "Training step"), and only the box of the bone
-is projected (:meth:`ConvexSimilarityNet.render`).
+(:meth:`ConvexSimilarityNet.lift`), the same values and gradients at a ninth of the dense
+convolutions' time, forward and backward, on the CPU recipe's 64^3 chest (9 % bone; bench/
+RESULTS.md, "The training step at 4x"), and only the box of the bone is projected
+(:meth:`ConvexSimilarityNet.render`).
 
 **Encoders.** Two 2D encoders of the same shape and separate weights: for each entry ``c`` of
 ``encoder_channels`` a 3 x 3 convolution of stride 2 into ``c`` channels and the activation;
