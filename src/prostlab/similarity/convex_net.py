@@ -175,9 +175,10 @@ def _bone_box(lifted: Tensor) -> list[tuple[int, int]] | None:
     """Per axis, ``[lo, hi)`` of the voxels where channel 0 of ``lifted`` (B, C, D, H, W) is
     non-zero in any batch item; None when that is the whole volume or empty."""
     occupied = (lifted[:, 0].detach() != 0).any(dim=0)
+    plane = occupied.any(dim=0)  # (H, W); reductions over leading dimensions sweep memory in order
     box = []
-    for axis in range(3):
-        hit = occupied.any(dim=[a for a in range(3) if a != axis]).nonzero()
+    for along in (occupied.flatten(1).any(dim=1), plane.any(dim=1), plane.any(dim=0)):
+        hit = along.nonzero()
         if len(hit) == 0:
             return None
         box.append((int(hit[0]), int(hit[-1]) + 1))
