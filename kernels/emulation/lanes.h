@@ -407,7 +407,7 @@ inline bool line_integrals_of_block(const Launch<float>& L) {
 // point (the launches that emulate the GPU's reductions) is left to the scalar kernel: false.
 template <bool second_order>
 inline bool gradients_of_block(const Launch<float>& L) {
-  if (L.need_vol && !(L.gvol_copy > 0 && !(L.gvol_fixed > 0.0f))) return false;
+  if (L.need_vol && (L.gvol_copy <= 0 || L.gvol_fixed > 0.0f)) return false;
   const Rays8 rays(L, blockIdx.y, blockIdx.x * blockDim.x + threadIdx.x);
   if (L.need_vol && L.need_M) {
     gradients_of_rays<second_order, true, true>(L, blockIdx.y, rays);
